@@ -1,0 +1,72 @@
+"""DMDLoss, DenoisingLoss and RelativisticGANLoss against their formulas (DESIGN.md §5)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdot_ext.registry import MODELS
+
+
+def _inputs(seed=0, shape=(2, 16, 3, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    fake = torch.randn(shape, generator=g, dtype=torch.float64)
+    real = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x, fake, real
+
+
+def test_dmd_gradient_matches_formula():
+    """∂L/∂x = (x0_fake − x0_real) / mean|x − x0_real| / numel, per sample."""
+    x, fake, real = _inputs()
+    loss = MODELS.build(dict(type='DMDLoss'))(x, fake, real)
+    (grad, ) = torch.autograd.grad(loss, x)
+    norm = (x.detach() - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1, 1)
+    expected = (fake - real) / norm / x.numel()
+    torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=1e-9)
+    # the value is 0.5·mean(grad_target²): x − sg(x − g) = g
+    g = (fake - real) / norm
+    torch.testing.assert_close(loss.double(), 0.5 * g.square().mean(), rtol=1e-5, atol=0)
+
+
+def test_dmd_sign_moves_x_towards_teacher():
+    """A gradient step on the loss moves x0 from the fake towards the real score."""
+    x, fake, real = _inputs(1)
+    loss_fn = MODELS.build(dict(type='DMDLoss', normalize='none'))
+    (grad, ) = torch.autograd.grad(loss_fn(x, fake, real), x)
+    # -grad is parallel to (real − fake)
+    cos = F.cosine_similarity((-grad).flatten(), (real - fake).flatten(), dim=0)
+    assert cos > 0.999
+
+
+def test_dmd_sigma_option_and_nan_guard():
+    x, fake, real = _inputs(2)
+    t = torch.tensor([250.0, 750.0])
+    loss_fn = MODELS.build(dict(type='DMDLoss', normalize='none', scale_by_sigma=True))
+    (grad, ) = torch.autograd.grad(loss_fn(x, fake, real, t), x)
+    expected = (fake - real) * (t / 1000).view(-1, 1, 1, 1, 1) / x.numel()
+    torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match='timestep'):
+        loss_fn(x, fake, real)
+    fake_nan = fake.clone()
+    fake_nan[0, 0, 0, 0, 0] = float('nan')
+    assert torch.isfinite(MODELS.build(dict(type='DMDLoss'))(x, fake_nan, real))
+    with pytest.raises(ValueError, match='normalize'):
+        MODELS.build(dict(type='DMDLoss', normalize='l3'))
+
+
+def test_denoising_loss_is_velocity_mse():
+    g = torch.Generator().manual_seed(3)
+    v, x0, eps = (torch.randn(2, 16, 2, 4, 4, generator=g) for _ in range(3))
+    loss = MODELS.build(dict(type='DenoisingLoss', loss_weight=2.0))(v, x0, eps)
+    torch.testing.assert_close(loss, 2.0 * ((v - (eps - x0)) ** 2).mean())
+
+
+def test_relativistic_gan_losses():
+    d_fake = torch.tensor([0.3, -1.2, 2.0])
+    d_real = torch.tensor([1.0, 0.5, -0.4])
+    gan = MODELS.build(dict(type='RelativisticGANLoss', loss_weight=0.1))
+    torch.testing.assert_close(gan(d_fake, d_real, 'generator'),
+                               0.1 * F.softplus(-(d_fake - d_real)).mean())
+    torch.testing.assert_close(gan(d_fake, d_real, 'discriminator'),
+                               0.1 * F.softplus(-(d_real - d_fake)).mean())
+    with pytest.raises(ValueError, match='target'):
+        gan(d_fake, d_real, 'critic')
