@@ -1,0 +1,83 @@
+"""Flow-matching pretraining of a score network (the demo's teacher)."""
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModel
+
+from vdot_ext.registry import MODELS
+
+from .flow_matching import add_noise, sample_timesteps, velocity_target
+
+
+@MODELS.register_module()
+class FlowMatchingPretrainer(BaseModel):
+    """Trains ``score`` by rectified flow: ``mean((v_θ(x_t, t) − (ε − x0))²)``.
+
+    A random teacher teaches nothing; the tiny demo therefore first trains its
+    VACE teacher with this model on the synthetic data. ``vace_drop_prob``
+    trains the Wan DiT alone on a share of the batches (no ``vace_context``),
+    so that the teacher's DiT is also a text-to-video model, as Wan2.1-T2V is
+    for VACE-Wan2.1. ``text_drop_prob`` zeroes the text context so that the
+    teacher supports classifier-free guidance with a zero negative context.
+
+    Args:
+        score: ``WanVACEScore`` config.
+        timestep_shift: shift of the training timestep distribution (§4).
+        text_drop_prob: probability of training on the zero (null) context.
+        vace_drop_prob: probability of dropping ``vace_context`` for a batch.
+    """
+
+    TRAINABLE_ROLES = ('score', )
+
+    def __init__(self,
+                 score: dict,
+                 timestep_shift: float = 3.0,
+                 text_drop_prob: float = 0.1,
+                 vace_drop_prob: float = 0.3,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.score = MODELS.build(score)
+        self.timestep_shift = timestep_shift
+        self.text_drop_prob = text_drop_prob
+        self.vace_drop_prob = vace_drop_prob
+
+    def trainable_roles(self):
+        return {'score': [self.score]}
+
+    def role_param_groups(self, role: str):
+        if role != 'score':
+            raise KeyError(f"unknown role {role!r}; FlowMatchingPretrainer trains 'score'")
+        return [dict(name='score', params=list(self.score.parameters()))]
+
+    def loss(self, data: dict) -> Dict[str, torch.Tensor]:
+        x0 = data['latents'].float()
+        context = data['context']
+        batch = x0.shape[0]
+        keep_text = (torch.rand(batch, device=x0.device) >= self.text_drop_prob)
+        context = context * keep_text.view(-1, 1, 1).to(context.dtype)
+        vace_context = data.get('vace_context')
+        if vace_context is not None and float(torch.rand(())) < self.vace_drop_prob:
+            vace_context = None
+        if vace_context is None and data.get('num_ref') is not None \
+                and int(torch.as_tensor(data['num_ref']).max()) > 0:
+            # reference frames only make sense with their VACE condition
+            vace_context = data['vace_context']
+        t = sample_timesteps(batch, self.timestep_shift, 0.0, 1000.0).to(x0.device)
+        noise = torch.randn_like(x0)
+        v = self.score(add_noise(x0, noise, t), t, context, vace_context)
+        return {'loss_flow': (v.float() - velocity_target(x0, noise).float()).square().mean()}
+
+    def train_step(self, data, optim_wrapper) -> Dict[str, torch.Tensor]:
+        data = self.data_preprocessor(data, True)
+        wrapper = optim_wrapper['score'] if hasattr(optim_wrapper, 'keys') else optim_wrapper
+        with wrapper.optim_context(self):
+            losses = self.loss(data)
+        wrapper.update_params(sum(losses.values()))
+        return {k: v.detach() for k, v in losses.items()}
+
+    def forward(self, *args, mode='tensor', **kwargs):
+        if mode != 'tensor':
+            raise ValueError("FlowMatchingPretrainer.forward supports mode='tensor' only")
+        return self.score(*args, **kwargs)

@@ -1,0 +1,55 @@
+"""Loading a module's weights from a local torch/mmengine checkpoint."""
+import os.path as osp
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+
+
+def read_state_dict(checkpoint: str, field: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """The tensors of a local ``.pth``: an mmengine checkpoint (``state_dict``
+    entry) or a plain state dict.
+
+    mmengine checkpoints pickle more than tensors (message hub, config), which
+    torch ≥ 2.6's default ``weights_only=True`` rejects; these are the user's own
+    local files, so they are loaded with ``weights_only=False``.
+    """
+    if not isinstance(checkpoint, str) or not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'{field}: checkpoint file {checkpoint!r} does not exist')
+    obj = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state = obj.get('state_dict', obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f'{field}: {checkpoint} holds no state dict of tensors')
+    return state
+
+
+def load_weights(module: nn.Module,
+                 checkpoint: str,
+                 prefix: str = '',
+                 ignore: Sequence[str] = (),
+                 field: str = 'checkpoint',
+                 strict: bool = True) -> None:
+    """Load ``checkpoint`` keys starting with ``prefix`` (stripped) into ``module``.
+
+    Keys starting with any of ``ignore`` (after stripping) are skipped, e.g.
+    ``ignore=['vace.']`` loads the DiT of a VACE checkpoint into a T2V model.
+    Missing or unexpected keys are an error naming the file, unless
+    ``strict=False``.
+    """
+    state = read_state_dict(checkpoint, field)
+    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    picked = {k: v for k, v in picked.items() if not k.startswith(tuple(ignore))}
+    if not picked:
+        raise ValueError(f'{field}: no keys with prefix {prefix!r} in {checkpoint} '
+                         f'(first keys: {list(state)[:5]})')
+    result = module.load_state_dict(picked, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(
+            f'{field}: {checkpoint} (prefix {prefix!r}) does not match '
+            f'{type(module).__name__}: missing {result.missing_keys[:5]} '
+            f'({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} '
+            f'({len(result.unexpected_keys)})')
+    print_log(f'loaded {len(picked)} tensors into {type(module).__name__} from '
+              f'{checkpoint} (prefix {prefix!r})', logger='current')
