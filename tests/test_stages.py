@@ -44,7 +44,8 @@ def _cfg(stages, order=None):
     cfg = dict(default_scope='vdot_ext', stages=stages,
                log_processor=dict(by_epoch=False),
                default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2,
-                                                  by_epoch=False)))
+                                                  by_epoch=False)),
+               custom_hooks=[dict(type='LossCurveHook', interval=1)])
     if order is not None:
         cfg['stage_order'] = order
     return Config(cfg)
@@ -112,3 +113,6 @@ def test_interrupted_training_stage_resumes_from_checkpoint(tmp_path):
     logs = sorted(stage_dir.glob('*/*.log'))
     assert any('resumed' in p.read_text().lower() for p in logs), logs
     assert osp.isfile(stage_dir / 'iter_6.pth')
+    # the loss curve keeps the points from before the interruption
+    curve = json.loads((stage_dir / 'losses.json').read_text())['loss_flow']
+    assert [int(p[0]) for p in curve] == [1, 2, 3, 4, 5, 6]

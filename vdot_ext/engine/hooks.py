@@ -28,6 +28,15 @@ class LossCurveHook(Hook):
         self.keys = tuple(keys) if keys else None
         self.history: Dict[str, List[List[float]]] = defaultdict(list)
 
+    def before_train(self, runner):
+        # a resumed run continues the curves it had written up to its checkpoint
+        path = osp.join(runner.work_dir, 'losses.json')
+        if runner.iter > 0 and osp.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            for key, points in saved.items():
+                self.history[key] = [p for p in points if p[0] <= runner.iter]
+
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         for key, value in (outputs or {}).items():
             self.history[key].append([runner.iter + 1, float(value)])
