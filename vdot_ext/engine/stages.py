@@ -29,9 +29,10 @@ from typing import Any, List, Optional
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger, print_log
-from mmengine.runner import Runner
 
 from vdot_ext.registry import FUNCTIONS
+
+from .deepspeed_strategy import build_runner
 
 DONE_FILE = 'stage_done.json'
 FINAL_WEIGHTS = 'final_model.pth'
@@ -145,12 +146,17 @@ def _run_training_stage(name: str, common: dict, runner_cfg: dict, stage_dir: st
     stage_cfg.experiment_name = f'{name}_{time.strftime("%Y%m%d_%H%M%S")}'
     # an interrupted stage continues from its last checkpoint
     stage_cfg.resume = osp.isfile(osp.join(stage_dir, 'last_checkpoint'))
-    runner = Runner.from_cfg(stage_cfg)
+    # FlexibleRunner + RoleDeepSpeedStrategy when the config has `strategy`;
+    # the final weights are then gathered from the ZeRO-3 shards
+    runner = build_runner(stage_cfg)
     runner.train()
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model
+    strategy = getattr(runner, 'strategy', None)
+    state = (strategy.consolidated_state_dict()
+             if hasattr(strategy, 'consolidated_state_dict') else model.state_dict())
     final = osp.join(stage_dir, FINAL_WEIGHTS)
     if runner.rank == 0:
-        torch.save({'state_dict': model.state_dict(),
+        torch.save({'state_dict': state,
                     'meta': dict(stage=name, iter=runner.iter)}, final + '.tmp')
         os.replace(final + '.tmp', final)
     print_log(f'[stage {name}] final weights: {final}', logger='current')

@@ -72,6 +72,9 @@ class VDOTDistiller(BaseModel):
             teacher's weights (Algorithm 1, "Init").
         generator_init: an initialiser applied to the generator afterwards,
             e.g. ``dict(type='VACEAccWanInit', source=...)``.
+        generator_lora, fake_score_lora: ``dict(type='LoRAAdapter', rank=...)``
+            to train LoRA adapters (peft) instead of the full role; applied
+            after all weights are loaded.
         dmd_loss, otd_loss, denoising_loss, gan_loss: loss configs; None
             switches the term off (ablations are config changes).
         dm_weights: weights of OTD and DMD in the generator's distribution
@@ -95,6 +98,8 @@ class VDOTDistiller(BaseModel):
                  real_score_weights: Optional[dict] = None,
                  init_from_teacher: bool = True,
                  generator_init: Optional[dict] = None,
+                 generator_lora: Optional[dict] = None,
+                 fake_score_lora: Optional[dict] = None,
                  dmd_loss: Optional[dict] = dict(type='DMDLoss'),
                  otd_loss: Optional[dict] = None,
                  denoising_loss: Optional[dict] = dict(type='DenoisingLoss'),
@@ -135,6 +140,12 @@ class VDOTDistiller(BaseModel):
         if generator_init is not None:
             initializer = MODELS.build(generator_init)
             self.generator_init_report = initializer(self.generator)
+        # peft LoRA after all weights are loaded, so adapters start at zero on
+        # top of the initialised student
+        self.lora_reports = {}
+        for name, lora_cfg in (('generator', generator_lora), ('fake_score', fake_score_lora)):
+            if lora_cfg is not None:
+                self.lora_reports[name] = MODELS.build(lora_cfg)(getattr(self, name))
 
         self.discriminator = None
         if discriminator is not None:
@@ -354,9 +365,10 @@ class VDOTDistiller(BaseModel):
     # ------------------------------------------------------------------
     def _set_trainable(self, role: Optional[str]):
         """Only ``role``'s modules require grad (None freezes all)."""
+        from .lora import set_requires_grad  # keeps LoRA base weights frozen
         for name, modules in self.trainable_roles().items():
             for module in modules:
-                module.requires_grad_(name == role)
+                set_requires_grad(module, name == role)
 
     def train_step(self, data, optim_wrapper) -> Dict[str, torch.Tensor]:
         """One iteration of Algorithm 1: maybe a generator step, then a critic step.

@@ -33,11 +33,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config, DictAction  # noqa: F401
-    from mmengine.runner import Runner
+    from mmengine.config import Config
 
     from vdot_ext.engine.compat import enable_trusted_local_checkpoints
     from vdot_ext.engine.config_checks import check_required_fields
+    from vdot_ext.engine.deepspeed_strategy import build_runner
     from vdot_ext.engine.stages import run_stages
 
     if not osp.isfile(args.config):
@@ -59,7 +59,9 @@ def main(argv=None):
     cfg.work_dir = work_dir
     if args.resume:
         cfg.resume = True
-    runner = Runner.from_cfg(cfg)
+    # a config with `strategy` (RoleDeepSpeedStrategy) runs on mmengine's
+    # FlexibleRunner, any other on the plain Runner
+    runner = build_runner(cfg)
     runner.train()
 
 

@@ -1,0 +1,12 @@
+# RoleDeepSpeedStrategy with ZeRO-2 (optimizer states and gradients partitioned,
+# weights replicated): for models that fit one GPU per role (1.3B, LoRA 14B on
+# H200). The frozen teacher is placed on every GPU in bf16.
+strategy = dict(
+    type='RoleDeepSpeedStrategy',
+    config=dict(
+        bf16=dict(enabled=True),
+        zero_optimization=dict(stage=2, overlap_comm=True, contiguous_gradients=True,
+                               reduce_bucket_size=5e8, allgather_bucket_size=5e8),
+        gradient_accumulation_steps=1),
+    roles=dict(),
+)
