@@ -1,0 +1,25 @@
+# Runtime settings shared by every vdot_ext recipe.
+default_scope = 'vdot_ext'
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'),
+)
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', interval=100, by_epoch=False,
+                    max_keep_ckpts=2, save_last=True),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+)
+custom_hooks = [dict(type='LossCurveHook', interval=50)]
+
+log_processor = dict(by_epoch=False, window_size=10)
+log_level = 'INFO'
+visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
+randomness = dict(seed=0, diff_rank_seed=True)
+load_from = None
+resume = False
