@@ -41,9 +41,11 @@ train_dataloader = dict(
     dataset=dict(
         type='VCUManifestDataset',
         manifest='??? a caption manifest (CSV or JSONL) for text-to-video distillation',
-        tasks=('t2v', ),
         num_frames=81, height=480, width=832,
-        cache_dir=None))
+        # VAE latents and text embeddings precomputed by
+        #   python -m vdot_ext.tools.precompute_vcu MANIFEST --cache-dir DIR ...
+        cache_dir='??? the cache folder written by vdot_ext.tools.precompute_vcu '
+                  'for this manifest'))
 
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1500)
 

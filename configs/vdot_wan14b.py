@@ -7,7 +7,8 @@
 #     --cfg-options \
 #       model.real_score.pretrained="['/ckpt/Wan2.1-VACE-14B/diffusion_pytorch_model-00001-of-00007.safetensors', ...]" \
 #       model.generator_init.source=/work/stage1/final_model.pth \
-#       train_dataloader.dataset.manifest=/data/vcu/train.csv
+#       train_dataloader.dataset.manifest=/data/vcu/train.csv \
+#       train_dataloader.dataset.cache_dir=/data/vcu/cache
 #
 # Every '??? ...' value below is required; training refuses to start until all
 # are set and names the missing ones.
@@ -54,7 +55,10 @@ train_dataloader = dict(
         type='VCUManifestDataset',
         manifest='??? a VCU manifest (CSV or JSONL) of the multi-task training data',
         num_frames=81, height=480, width=832,
-        cache_dir=None))
+        # VAE latents and text embeddings precomputed by
+        #   python -m vdot_ext.tools.precompute_vcu MANIFEST --cache-dir DIR ...
+        cache_dir='??? the cache folder written by vdot_ext.tools.precompute_vcu '
+                  'for this manifest'))
 
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1200)
 

@@ -6,7 +6,8 @@
 #   mim train vdot_ext configs/vdot_wan14b_stage1.py --launcher pytorch --gpus 4 \
 #     --cfg-options \
 #       model.real_score.pretrained=/ckpt/Wan2.1-T2V-14B \
-#       train_dataloader.dataset.manifest=/data/captions.csv
+#       train_dataloader.dataset.manifest=/data/captions.csv \
+#       train_dataloader.dataset.cache_dir=/data/captions_cache
 #
 # Its final_model.pth is the AccWanInit source of configs/vdot_wan14b.py.
 # Memory: python -m vdot_ext.tools.plan_memory configs/vdot_wan14b_stage1.py --gpus 4
@@ -41,9 +42,11 @@ train_dataloader = dict(
     dataset=dict(
         type='VCUManifestDataset',
         manifest='??? a caption manifest (CSV or JSONL) for text-to-video distillation',
-        tasks=('t2v', ),
         num_frames=81, height=480, width=832,
-        cache_dir=None))
+        # VAE latents and text embeddings precomputed by
+        #   python -m vdot_ext.tools.precompute_vcu MANIFEST --cache-dir DIR ...
+        cache_dir='??? the cache folder written by vdot_ext.tools.precompute_vcu '
+                  'for this manifest'))
 
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1500)
 

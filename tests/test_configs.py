@@ -71,7 +71,7 @@ def test_wan14b_names_its_unset_weight_paths():
         check_required_fields(Config.fromfile(WAN14B), 'configs/vdot_wan14b.py')
     message = str(err.value)
     for field in ('model.real_score.pretrained', 'model.generator_init.source',
-                  'train_dataloader.dataset.manifest'):
+                  'train_dataloader.dataset.manifest', 'train_dataloader.dataset.cache_dir'):
         assert field in message
 
 
