@@ -1,0 +1,1 @@
+from . import vcu_dataset  # noqa: F401  (registers VCUManifestDataset in DATASETS)
