@@ -21,6 +21,7 @@ import torch
 from vdot_ext.models.checkpoint_io import (check_state_dict,
                                            convert_dit_state_dict,
                                            load_wan_vace_state_dict)
+from vdot_ext.models.weights import read_state_dict
 from vdot_ext.registry import MODELS
 
 _SHOW = 5
@@ -93,27 +94,11 @@ class VACEAccWanInit:
                                              field='source')
             return parts.dit
         if isinstance(self.source, dict):
-            state = self.source
+            state = {k: v for k, v in self.source.items()
+                     if isinstance(v, torch.Tensor)}
         else:
-            path = os.fspath(self.source)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f'VACEAccWanInit: source checkpoint {path!r} does not '
-                    f'exist')
-            # weights_only=False on purpose: mmengine checkpoints carry
-            # non-tensor metadata (message_hub, numpy scalars) that torch>=2.6's
-            # default weights_only=True rejects. Only load trusted local files.
-            state = torch.load(path, map_location='cpu', weights_only=False)
-            if not isinstance(state, dict):
-                raise ValueError(
-                    f'VACEAccWanInit: {path!r} holds a {type(state).__name__},'
-                    f' expected a state dict or an mmengine checkpoint dict')
-            for container in ('state_dict', 'module', 'model'):
-                if isinstance(state.get(container), dict):
-                    state = state[container]
-                    break
-        state = {k: v for k, v in state.items()
-                 if isinstance(v, torch.Tensor)}
+            state = read_state_dict(os.fspath(self.source),
+                                    field='VACEAccWanInit.source')
         prefix = self.source_prefix
         if prefix:
             picked = {k[len(prefix):]: v for k, v in state.items()

@@ -1,4 +1,5 @@
 """Loading a module's weights from a local torch/mmengine checkpoint."""
+import os
 import os.path as osp
 from typing import Dict, Optional, Sequence
 
@@ -9,19 +10,26 @@ from mmengine.logging import print_log
 
 def read_state_dict(checkpoint: str, field: str = 'checkpoint') -> Dict[str, torch.Tensor]:
     """The tensors of a local ``.pth``: an mmengine checkpoint (``state_dict``
-    entry) or a plain state dict.
+    entry), a DeepSpeed-style ``module``/``model`` entry, or a plain state dict.
+    Non-tensor entries are dropped.
 
     mmengine checkpoints pickle more than tensors (message hub, config), which
     torch ≥ 2.6's default ``weights_only=True`` rejects; these are the user's own
     local files, so they are loaded with ``weights_only=False``.
     """
-    if not isinstance(checkpoint, str) or not osp.isfile(checkpoint):
+    if not isinstance(checkpoint, (str, os.PathLike)) or not osp.isfile(checkpoint):
         raise FileNotFoundError(f'{field}: checkpoint file {checkpoint!r} does not exist')
     obj = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    state = obj.get('state_dict', obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f'{field}: {checkpoint} holds no state dict of tensors')
+    if not isinstance(obj, dict):
+        raise ValueError(f'{field}: {checkpoint} holds a {type(obj).__name__}, expected a '
+                         'state dict or an mmengine checkpoint dict')
+    for container in ('state_dict', 'module', 'model'):
+        if isinstance(obj.get(container), dict):
+            obj = obj[container]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(f'{field}: {checkpoint} holds no tensors')
     return state
 
 

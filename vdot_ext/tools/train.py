@@ -46,6 +46,11 @@ def main(argv=None):
     if args.cfg_options:
         cfg.merge_from_dict(_parse_options(args.cfg_options))
     cfg.launcher = args.launcher
+    if cfg.get('torch_num_threads') is not None:
+        # tiny models are bound by per-op overhead, where extra intra-op threads
+        # only contend (badly so on a shared machine); configs may pin the count
+        import torch
+        torch.set_num_threads(int(cfg.torch_num_threads))
     check_required_fields(cfg, args.config)
     work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
