@@ -18,7 +18,9 @@ class LossCurveHook(Hook):
 
     Args:
         interval: write period in iterations.
-        keys: prefixes of the scalars to plot (default: names containing 'loss').
+        keys: prefixes of the scalars to plot (default: losses, gradient norms
+            and OT marginal errors; a surrogate loss such as OTD's has a
+            constant value by construction, its gradient norm is the signal).
     """
 
     priority = 'VERY_LOW'
@@ -48,7 +50,8 @@ class LossCurveHook(Hook):
 
     def _plotted(self) -> List[str]:
         if self.keys is None:
-            return sorted(k for k in self.history if 'loss' in k)
+            return sorted(k for k in self.history
+                          if 'loss' in k or k.endswith(('grad_norm', '_err')))
         return sorted(k for k in self.history if k.startswith(self.keys))
 
     def write(self, out_dir: str, title: str = '') -> None:
