@@ -10,9 +10,10 @@ def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
 def surrogate_loss(x: torch.Tensor, grad: torch.Tensor,
                    reduction: str = 'mean') -> torch.Tensor:
     """``0.5 · reduce((x − sg(x − grad))²)``: a loss whose gradient w.r.t. x is
-    ``grad`` (sum) or ``grad / numel`` (mean), computed in float32."""
-    x32 = x.float()
-    target = (x32 - grad.float()).detach()
+    ``grad`` (sum) or ``grad / numel`` (mean), computed in float32 (float64
+    kept)."""
+    x32 = x.double() if grad.dtype == torch.float64 else x.float()
+    target = (x32 - grad.to(x32.dtype)).detach()
     sq = (x32 - target).square()
     if reduction == 'mean':
         return 0.5 * sq.mean()
