@@ -15,16 +15,6 @@ from vdot_ext.models.wan_vace_score import WanVACEScore
 from vdot_ext.registry import MODELS
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _single_thread():
-    """Tiny tensors: intra-op threads only add OpenMP barrier waits (seconds
-    per step on a loaded 2-core machine), so run this module on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyGenerator(torch.nn.Module):
     """Stand-in for the stage-1 distiller: the generator under 'generator.'
     and the critics beside it, as the mmengine checkpoint stores them."""

@@ -12,15 +12,6 @@ from vdot_ext.models.checkpoint_io import (load_wan_vace_state_dict,
 from vdot_ext.models.wan_vace_score import WanVACEScore
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _single_thread():
-    """Tiny tensors: intra-op threads only add OpenMP barrier waits (seconds
-    per step on a loaded 2-core machine), so run this module on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # key names of the official releases (Wan-AI/Wan2.1-T2V-*, Wan2.1-VACE-14B)
 REAL_DIT_KEYS = [
     'patch_embedding.weight', 'patch_embedding.bias',

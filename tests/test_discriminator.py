@@ -11,16 +11,6 @@ from vdot_ext.models.wan_vace_score import WanVACEScore
 from vdot_ext.registry import MODELS
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _single_thread():
-    """Tiny tensors: intra-op threads only add OpenMP barrier waits (seconds
-    per step on a loaded 2-core machine), so run this module on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _disc(**kw):
     args = dict(model_dim=24, model_depth=4, taps=(1, 3), bottleneck_dim=12,
                 num_heads=2)

@@ -11,16 +11,6 @@ from vdot_ext.models.wan_vace_score import (PRESETS, ScoreFeatures,
 from vdot_ext.registry import MODELS
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _single_thread():
-    """Tiny tensors: intra-op threads only add OpenMP barrier waits (seconds
-    per step on a loaded 2-core machine), so run this module on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(b, vace=True, seed=0, frames=3, h=4, w=6):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 16, frames, h, w, generator=g)

@@ -1,5 +1,4 @@
 """Flow-matching denoising loss for the fake score (critic)."""
-import torch
 import torch.nn as nn
 
 from vdot_ext.registry import MODELS

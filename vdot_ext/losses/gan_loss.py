@@ -1,5 +1,4 @@
 """Adversarial losses on discriminator logits."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -2,7 +2,6 @@
 from typing import Dict, Optional
 
 import torch
-import torch.nn as nn
 from mmengine.model import BaseModel
 
 from vdot_ext.registry import MODELS
