@@ -1,4 +1,4 @@
-# The tiny two-stage VDOT demo, end to end on CPU (2 cores, about 11 minutes):
+# The tiny two-stage VDOT demo, end to end on CPU (2 cores, about 12 minutes):
 #
 #   codecs   train a tiny Wan VAE, build a tiny umT5 text encoder
 #   teacher  pretrain a tiny VACE-Wan teacher by flow matching on synthetic videos
