@@ -1,63 +1,22 @@
-# VDOT stage 1 (DESIGN.md §6): few-step distillation of Wan2.1-T2V-1.3B with DMD on
-# captions only; the critic (fake score) trains with the denoising loss.
-# 1500 steps, lr 2e-6 (G) / 4e-7 (critic), TTUR 5, Adam betas (0, 0.999),
-# batch 1 per GPU, gradient checkpointing, DeepSpeed ZeRO-2 (bf16; the 1.3B roles fit one GPU each).
+# VDOT stage 1 on Wan2.1-T2V-1.3B: configs/vdot_wan14b_stage1.py with the 1.3B
+# architecture and DeepSpeed ZeRO-2 (bf16; the 1.3B roles fit one GPU each).
 #
 #   mim train vdot_ext configs/vdot_wan1.3b_stage1.py --launcher pytorch --gpus 4 \
 #     --cfg-options \
 #       model.real_score.pretrained=/ckpt/Wan2.1-T2V-1.3B \
-#       train_dataloader.dataset.manifest=/data/captions.csv
+#       train_dataloader.dataset.manifest=/data/captions.csv \
+#       train_dataloader.dataset.cache_dir=/data/captions_cache
 #
 # Its final_model.pth is the AccWanInit source of configs/vdot_wan1.3b.py.
 # Memory: python -m vdot_ext.tools.plan_memory configs/vdot_wan1.3b_stage1.py --gpus 4
-_base_ = ['./_base_/default_runtime.py', './_base_/vdot_objectives.py',
-          './_base_/deepspeed_zero2.py']
+_base_ = ['./vdot_wan14b_stage1.py']
 
 model = dict(
-    type='VDOTDistiller',
     # F_psi: Wan2.1-T2V-1.3B (frozen); G and F_phi start from it (Algorithm 1, Init)
     real_score=dict(
-        type='WanVACEScore',
         preset='wan2.1-t2v-1.3b',
-        gradient_checkpointing=True,
         pretrained='??? local safetensors of Wan2.1-T2V-1.3B (a folder, an index.json '
-                   'or a list of shard paths)'),
-    dmd_loss={{_base_.dmd_loss}},
-    denoising_loss={{_base_.denoising_loss}},
-    otd_loss=None, gan_loss=None, discriminator=None,
-    gen_every={{_base_.gen_every}},
-    generator_timesteps=(1000, 750, 500, 250),
-    generator_shift=5.0,
-    score_shift=5.0,
-    guidance_scale=5.0,
-    use_vace_context=False)
+                   'or a list of shard paths)'))
 
-train_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    batch_sampler=dict(type='ShapeGroupedBatchSampler'),
-    collate_fn=dict(type='default_collate'),
-    dataset=dict(
-        type='VCUManifestDataset',
-        manifest='??? a caption manifest (CSV or JSONL) for text-to-video distillation',
-        num_frames=81, height=480, width=832,
-        # VAE latents and text embeddings precomputed by
-        #   python -m vdot_ext.tools.precompute_vcu MANIFEST --cache-dir DIR ...
-        cache_dir='??? the cache folder written by vdot_ext.tools.precompute_vcu '
-                  'for this manifest'))
-
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=1500)
-
-optim_wrapper = dict(
-    constructor='RoleOptimWrapperConstructor',
-    generator=dict(type='OptimWrapper',
-                   optimizer=dict(type='AdamW', lr=2e-6, betas={{_base_.adam_betas}},
-                                  weight_decay=0.0),
-                   clip_grad=dict(max_norm=10.0)),
-    critic=dict(type='OptimWrapper',
-                optimizer=dict(type='AdamW', lr=4e-7, betas={{_base_.adam_betas}},
-                               weight_decay=0.0),
-                clip_grad=dict(max_norm=10.0)))
-
-default_hooks = dict(checkpoint=dict(interval=100, max_keep_ckpts=3))
+# ZeRO-2: optimizer states and gradients partitioned, weights replicated
+strategy = dict(config=dict(zero_optimization=dict(stage=2)))
