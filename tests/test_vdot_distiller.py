@@ -163,6 +163,21 @@ def test_stage1_t2v_without_vace_or_gan():
     assert all('loss_critic_denoise' in log for log in logs)
 
 
+def test_teacher_weights_file_errors_name_the_problem(tmp_path):
+    score = MODELS.build(dict(type='WanVACEScore', preset='tiny'))
+    path = tmp_path / 'teacher.pth'
+    sd = {f'score.{k}': v for k, v in score.state_dict().items()}
+    sd['score.dit.head.head.weight'] = torch.zeros(3, 3)
+    torch.save({'state_dict': sd}, path)
+    weights = dict(checkpoint=str(path), prefix='score.')
+    with pytest.raises(ValueError, match=r'shape mismatch .*dit\.head\.head\.weight'):
+        build_distiller(real_score=dict(type='WanVACEScore', preset='tiny'),
+                        real_score_weights=weights, discriminator=None, gan_loss=None,
+                        use_vace_context=False)
+    with pytest.raises(FileNotFoundError, match='real_score_weights'):
+        build_distiller(real_score_weights=dict(checkpoint=str(tmp_path / 'none.pth')))
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match='gen_every'):
         build_distiller(gen_every=0)
@@ -170,6 +185,11 @@ def test_config_errors_name_the_field():
         build_distiller(gan_loss=None)
     with pytest.raises(ValueError, match='dm_weights'):
         build_distiller(dm_weights=dict(kl=1.0))
+    # a VACE generator cannot start from a T2V teacher: its VACE blocks would stay random
+    with pytest.raises(ValueError, match=r'missing \[\d+\]: \[.vace\.'):
+        build_distiller(real_score=dict(type='WanVACEScore', preset='tiny'),
+                        generator=dict(type='WanVACEScore', preset='tiny-vace'),
+                        discriminator=None, gan_loss=None)
     model = build_distiller()
     with pytest.raises(KeyError, match='vace_context'):
         model.train_step(batch(vace=False), build_optim(model))

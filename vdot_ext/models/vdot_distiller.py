@@ -17,6 +17,7 @@ from mmengine.model import BaseModel
 
 from vdot_ext.registry import MODELS
 
+from .checkpoint_io import check_state_dict
 from .flow_matching import (add_noise, few_step_timesteps, sample_timesteps,
                             x0_from_velocity)
 from .weights import load_weights
@@ -425,18 +426,12 @@ def _copy_matching(module: nn.Module, source_sd: dict, name: str) -> None:
     the module has but the teacher lacks are an error (nothing stays random
     silently)."""
     own = module.state_dict()
-    missing = [k for k in own if k not in source_sd]
-    if missing:
-        raise ValueError(
-            f'VDOTDistiller: cannot initialise {name} from the teacher: the teacher '
-            f'has no weights for {len(missing)} keys, e.g. {missing[:5]}; give '
-            f'{name} the same architecture as real_score or set init_from_teacher=False')
-    for k, v in own.items():
-        if source_sd[k].shape != v.shape:
-            raise ValueError(f'VDOTDistiller: {name}.{k} has shape {tuple(v.shape)} '
-                             f'but the teacher has {tuple(source_sd[k].shape)}')
-    module.load_state_dict({k: source_sd[k] for k in own}, strict=True)
-    skipped = len([k for k in source_sd if k not in own])
+    picked = {k: source_sd[k] for k in own if k in source_sd}
+    check_state_dict(module, picked, 'the teacher (real_score)',
+                     f'{name} (give it the architecture of real_score or set '
+                     'init_from_teacher=False)')
+    module.load_state_dict(picked, strict=True)
+    skipped = len(source_sd) - len(picked)
     if skipped:
         print_log(f'{name}: initialised from the teacher ({len(own)} tensors; '
                   f'{skipped} teacher tensors not used by this architecture)',

@@ -1,11 +1,13 @@
 """Loading a module's weights from a local torch/mmengine checkpoint."""
 import os
 import os.path as osp
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
+
+from .checkpoint_io import check_state_dict
 
 
 def read_state_dict(checkpoint: str, field: str = 'checkpoint') -> Dict[str, torch.Tensor]:
@@ -43,8 +45,8 @@ def load_weights(module: nn.Module,
 
     Keys starting with any of ``ignore`` (after stripping) are skipped, e.g.
     ``ignore=['vace.']`` loads the DiT of a VACE checkpoint into a T2V model.
-    Missing or unexpected keys are an error naming the file, unless
-    ``strict=False``.
+    Missing, unexpected or mis-shaped keys are an error naming the file,
+    unless ``strict=False``.
     """
     state = read_state_dict(checkpoint, field)
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -52,12 +54,9 @@ def load_weights(module: nn.Module,
     if not picked:
         raise ValueError(f'{field}: no keys with prefix {prefix!r} in {checkpoint} '
                          f'(first keys: {list(state)[:5]})')
-    result = module.load_state_dict(picked, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(
-            f'{field}: {checkpoint} (prefix {prefix!r}) does not match '
-            f'{type(module).__name__}: missing {result.missing_keys[:5]} '
-            f'({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} '
-            f'({len(result.unexpected_keys)})')
+    if strict:
+        check_state_dict(module, picked, checkpoint,
+                         f'{type(module).__name__} ({field}, prefix {prefix!r})')
+    module.load_state_dict(picked, strict=strict)
     print_log(f'loaded {len(picked)} tensors into {type(module).__name__} from '
               f'{checkpoint} (prefix {prefix!r})', logger='current')
