@@ -12,6 +12,7 @@
 # Its final_model.pth is the AccWanInit source of configs/vdot_wan14b.py.
 # Memory: python -m vdot_ext.tools.plan_memory configs/vdot_wan14b_stage1.py --gpus 4
 _base_ = ['./_base_/default_runtime.py', './_base_/vdot_objectives.py',
+          './_base_/wan_vcu_training.py',
           './_base_/deepspeed_zero3.py']
 
 model = dict(
@@ -33,32 +34,13 @@ model = dict(
     guidance_scale=5.0,
     use_vace_context=False)
 
-train_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    batch_sampler=dict(type='ShapeGroupedBatchSampler'),
-    collate_fn=dict(type='default_collate'),
-    dataset=dict(
-        type='VCUManifestDataset',
-        manifest='??? a caption manifest (CSV or JSONL) for text-to-video distillation',
-        num_frames=81, height=480, width=832,
-        # VAE latents and text embeddings precomputed by
-        #   python -m vdot_ext.tools.precompute_vcu MANIFEST --cache-dir DIR ...
-        cache_dir='??? the cache folder written by vdot_ext.tools.precompute_vcu '
-                  'for this manifest'))
+train_dataloader = dict(dataset=dict(
+    manifest='??? a caption manifest (CSV or JSONL) for text-to-video distillation'))
 
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1500)
 
-optim_wrapper = dict(
-    constructor='RoleOptimWrapperConstructor',
-    generator=dict(type='OptimWrapper',
-                   optimizer=dict(type='AdamW', lr=2e-6, betas={{_base_.adam_betas}},
-                                  weight_decay=0.0),
-                   clip_grad=dict(max_norm=10.0)),
-    critic=dict(type='OptimWrapper',
-                optimizer=dict(type='AdamW', lr=4e-7, betas={{_base_.adam_betas}},
-                               weight_decay=0.0),
-                clip_grad=dict(max_norm=10.0)))
+# the paper's learning rates (DESIGN.md §6)
+optim_wrapper = dict(generator=dict(optimizer=dict(lr=2e-6)),
+                     critic=dict(optimizer=dict(lr=4e-7)))
 
 default_hooks = dict(checkpoint=dict(interval=100, max_keep_ckpts=3))

@@ -15,7 +15,3 @@ gan_loss = dict(type='RelativisticGANLoss', loss_weight=0.1)
 dm_weights = dict(otd=0.8, dmd=0.2)
 # TTUR: the generator steps once every 5 critic steps.
 gen_every = 5
-
-# Adam(W) with beta1 = 0 for both roles (DMD2 / VDOT); the learning rates are
-# per stage (paper: stage 1 2e-6 / 4e-7, stage 2 1e-6 / 4e-7).
-adam_betas = (0.0, 0.999)
