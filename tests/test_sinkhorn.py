@@ -225,7 +225,7 @@ def test_block_plan_covers_everything_within_budget():
     assert len(list(block_plan(1, 16384, 16384, 1 << 22))) == 64       # 256-row blocks
 
 
-@pytest.mark.parametrize('backend', ['sdpa', pytest.param('blocked', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('backend', ['fused_cpu', 'sdpa', pytest.param('blocked', marks=pytest.mark.slow)])
 def test_large_problem_runs_without_materialising_the_plan(backend):
     """I = J = 20000: a float32 plan/cost would be 1.6 GB; the peak RSS growth must stay far below."""
     script = textwrap.dedent(f"""
@@ -263,7 +263,7 @@ def test_sdpa_path_equals_blocked_path_float32():
 
 def test_backend_dispatch():
     from vdot_ext.ot.triton_sinkhorn import HAVE_TRITON
-    assert resolve_backend('auto', torch.device('cpu')) == 'sdpa'
+    assert resolve_backend('auto', torch.device('cpu'), torch.float64) == 'sdpa'
     # no CUDA tensor is created: dispatch looks at the device type only
     assert resolve_backend('auto', torch.device('cuda')) == ('triton' if HAVE_TRITON else 'blocked')
     assert resolve_backend('auto', torch.device('cuda'), torch.float64) == 'blocked'

@@ -82,14 +82,16 @@ class OTDLoss(nn.Module):
         loss_weight: multiplies the loss.
         max_iters: iteration cap in tolerance mode.
         overrelaxation: Sinkhorn over-relaxation ('auto': adaptive in tolerance mode only).
-        backend: 'auto' | 'sdpa' | 'blocked' (see :mod:`vdot_ext.ot.streaming`).
+        backend: 'auto' | 'fused_cpu' | 'sdpa' | 'blocked' | 'triton' (see :mod:`vdot_ext.ot.streaming`).
         block_elems: scores held at once by the blocked backend.
         norm_eps: floor of the normaliser (avoids 0/0 when fake == real).
 
     After each forward / ot_gradient, ``last_stats`` holds floats for logging: 'otd_iters' (Sinkhorn
     iterations used), 'otd_row_err' / 'otd_col_err' (L1 marginal errors of the plan, mean over the
     B·F problems; '_max' variants: worst problem; computed in the solver's float32, whose floor is
-    ~1e-5), 'otd_grad_norm' (‖g‖₂ over the whole batch before normalisation), 'otd_problems' (B·F).
+    ~1e-5), 'otd_grad_norm' (‖g‖₂ over the whole batch before normalisation), 'otd_problems' (B·F),
+    'otd_exact_g_steps' (backend 'fused_cpu': g half-steps redone in the log domain because a column
+    mass underflowed; normally 0 after the first iterations).
     """
 
     def __init__(self, epsilon: float = 0.1, num_iters: int = 60, pool_kernel: int = 2,
@@ -163,6 +165,7 @@ class OTDLoss(nn.Module):
             'otd_col_err_max': float(result.col_err.max()),
             'otd_grad_norm': float(raw_norm),
             'otd_problems': float(B * Fr),
+            'otd_exact_g_steps': float(result.exact_g_steps),
         }
         return grad
 

@@ -34,6 +34,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .cpu_kernel import MIN_COLUMN_MASS
 from .streaming import DEFAULT_BLOCK_ELEMS, resolve_backend, softmin_pass
 
 __all__ = ['SinkhornResult', 'sinkhorn', 'envelope_gradient', 'marginal_errors', 'TOL_FLOOR']
@@ -63,6 +64,8 @@ class SinkhornResult:
     converged: Optional[bool] = None  # tolerance mode: every problem reached tol
     gradient: Optional[Tensor] = None  # [P, I, D] envelope gradient Σ_j T_ij (a_i − b_j), if asked
     plan: Optional[Tensor] = None      # [P, I, J], only if return_plan=True
+    backend: str = ''                  # the backend that ran ('fused_cpu', 'sdpa', 'blocked', 'triton')
+    exact_g_steps: int = 0             # 'fused_cpu': g half-steps redone in the log domain (mass underflow)
 
 
 def _log_weights(w: Optional[Tensor], P: int, N: int, name: str, dtype, device) -> Tensor:
@@ -121,7 +124,8 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
             None / 1.0 (plain Sinkhorn), or a fixed ω in [1, 2) used after the warm-up.
         return_gradient: also return the envelope gradient Σ_j T_ij (a_i − b_j) [P, I, D].
         return_plan: also materialise the plan [P, I, J] (memory I·J per problem).
-        backend: 'auto' | 'sdpa' (CPU flash-attention kernel) | 'triton' (fused CUDA kernel) |
+        backend: 'auto' | 'fused_cpu' (one C kernel call per (f, g) iteration, float32 CPU) |
+            'sdpa' (CPU flash-attention kernel per half-step) | 'triton' (fused CUDA kernel) |
             'blocked' (baddbmm blocks, any device).
         block_elems: score elements held at once by the blocked backend.
     """
@@ -181,18 +185,47 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         half_sq_b = 0.5 * bc.square().sum(-1)                      # ½‖b'_j‖²
         eps = epsilon
 
+        pass_backend = 'sdpa' if backend == 'fused_cpu' else backend
+        exact_g_steps = 0
+
         def f_update(g):   # f_i = ½‖a_i‖² − ε LSE_j(a_i·b_j/ε + log μ_j + (g_j − ½‖b_j‖²)/ε)
-            lse, _ = softmin_pass(ac, bc, log_mu + (g - half_sq_b) / eps, eps, backend=backend,
+            lse, _ = softmin_pass(ac, bc, log_mu + (g - half_sq_b) / eps, eps, backend=pass_backend,
                                   block_elems=block_elems)
             return half_sq_a - eps * lse
 
         def g_update(f):   # g_j = ½‖b_j‖² − ε LSE_i(b_j·a_i/ε + log u_i + (f_i − ½‖a_i‖²)/ε)
-            lse, _ = softmin_pass(bc, ac, log_u + (f - half_sq_a) / eps, eps, backend=backend,
+            lse, _ = softmin_pass(bc, ac, log_u + (f - half_sq_a) / eps, eps, backend=pass_backend,
                                   block_elems=block_elems)
             return half_sq_b - eps * lse
 
+        fused = None
+        if backend == 'fused_cpu':
+            from .cpu_kernel import FusedCPUIteration
+            fused = FusedCPUIteration(ac, bc, log_u, eps)
+
+        def f_then_g(g, f_old=None, omega=None):
+            """One iteration from g: f_new = F(g); f = f_old + ω (f_new − f_old) (f_new if no
+            f_old); g_next = G(f). Returns (f, f_new, g_next)."""
+            nonlocal exact_g_steps
+            if fused is None:
+                f_new = f_update(g)
+                f = f_new if f_old is None else f_old + omega * (f_new - f_old)
+                return f, f_new, g_update(f)
+            # fused CPU kernel: L = row LSE (→ f_new) and the column masses M of the plan with the
+            # new f, so that G(f)_j = g_j + ε (log μ_j − log M_j)   (see csrc/sinkhorn_cpu.c)
+            h = log_mu + (g - half_sq_b) / eps
+            q = None if f_old is None else (f_old - half_sq_a) / eps
+            lse, mass = fused(h, q, None if f_old is None else omega)
+            f_new = half_sq_a - eps * lse
+            f = f_new if f_old is None else f_old + omega * (f_new - f_old)
+            if not bool((mass >= MIN_COLUMN_MASS).all()):     # also catches NaN / inf masses
+                exact_g_steps += 1
+                return f, f_new, g_update(f)
+            g_next = (g.double() + eps * (log_mu.double() - mass.log())).to(dtype)
+            return f, f_new, g_next
+
         g = torch.zeros(P, J, dtype=dtype, device=device)
-        f = f_update(g)
+        f, f_new, g_next = f_then_g(g)
         omega = torch.ones(P, 1, dtype=dtype, device=device)
         omega_cap = torch.full((P, 1), _RELAX_MAX if relax_fixed is None else relax_fixed,
                                dtype=dtype, device=device)
@@ -201,16 +234,13 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         col_err = None
         converged = None
         iters = 0
-        g_next = None
         while True:
-            g_next = g_update(f)
             if tol is not None:
                 col_err = marginal_errors_from_potentials(g_next, g, log_mu, eps)
                 if bool((col_err <= tol).all()):
                     if bool((omega != 1).any()):
                         # the last f was relaxed (rows not exact): finish with a plain f step
-                        f = f_update(g)
-                        g_next = g_update(f)
+                        f, f_new, g_next = f_then_g(g)
                         col_err = marginal_errors_from_potentials(g_next, g, log_mu, eps)
                         omega.fill_(1.0)
                         plain_since.zero_()
@@ -222,8 +252,7 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
                         break
                 if iters >= n_max:
                     if bool((omega != 1).any()):
-                        f = f_update(g)
-                        g_next = g_update(f)
+                        f, f_new, g_next = f_then_g(g)
                         col_err = marginal_errors_from_potentials(g_next, g, log_mu, eps)
                     converged = bool((col_err <= tol).all())
                     break
@@ -238,22 +267,26 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
                 if iters >= _RELAX_WARMUP:
                     omega.fill_(relax_fixed)
             # over-relaxed updates in the log domain: x ← x + ω (c-transform − x)
-            g = g + omega * (g_next - g) if relax_on else g_next
-            f_new = f_update(g)
-            f = f + omega * (f_new - f) if relax_on else f_new
+            if relax_on:
+                g = g + omega * (g_next - g)
+                f, f_new, g_next = f_then_g(g, f, omega)
+            else:
+                g = g_next
+                f, f_new, g_next = f_then_g(g)
             iters += 1
         if tol is None:
             if relax_on:
-                f = f_update(g)
-                g_next = g_update(f)
+                f, f_new, g_next = f_then_g(g)
             col_err = marginal_errors_from_potentials(g_next, g, log_mu, eps)
 
-        # final pass: row sums and barycentric term T b' (values = b'), giving the row error
-        # and the envelope gradient g_i = (T1)_i (a'_i + δ) − (T b')_i  (= Σ_j T_ij (a_i − b_j))
-        lse, bary = softmin_pass(ac, bc, log_mu + (g - half_sq_b) / eps, eps,
-                                 values=bc if return_gradient else None, backend=backend,
-                                 block_elems=block_elems)
-        f_cand = half_sq_a - eps * lse
+        # row sums of the returned plan from F(g) (= f_new, the last f half-step before any
+        # relaxation) and, if asked, one more pass for the barycentric term T b' (values = b'):
+        # envelope gradient g_i = (T1)_i (a'_i + δ) − (T b')_i  (= Σ_j T_ij (a_i − b_j))
+        f_cand, bary = f_new, None
+        if return_gradient:
+            lse, bary = softmin_pass(ac, bc, log_mu + (g - half_sq_b) / eps, eps, values=bc,
+                                     backend=pass_backend, block_elems=block_elems)
+            f_cand = half_sq_a - eps * lse
         row_mass = (log_u + ((f - f_cand) / eps).clamp(max=80.0)).exp()     # (T1)_i
         row_err = (row_mass - log_u.exp()).abs().sum(dim=1)
         gradient = None
@@ -267,7 +300,8 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         shift_a = (ac * delta).sum(-1) + 0.5 * delta.square().sum(-1)
         shift_b = -(bc * delta).sum(-1)
         return SinkhornResult(f=f + shift_a, g=g + shift_b, iters=iters, row_err=row_err, col_err=col_err,
-                              epsilon=epsilon, converged=converged, gradient=gradient, plan=plan)
+                              epsilon=epsilon, converged=converged, gradient=gradient, plan=plan,
+                              backend=backend, exact_g_steps=exact_g_steps)
 
 
 def _adapt_relaxation(errs, omega, omega_cap, plain_since, relax_fixed):

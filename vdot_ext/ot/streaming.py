@@ -14,10 +14,15 @@ The I×J score matrix is never held: either torch's fused CPU flash-attention
 kernel streams over key blocks (``'sdpa'``), a fused Triton kernel does on CUDA
 (``'triton'``, :mod:`vdot_ext.ot.triton_sinkhorn`), or a blocked ``baddbmm`` holds at
 most ``block_elems`` scores at a time (``'blocked'``, any device).
+
+The solver backend ``'fused_cpu'`` (:mod:`vdot_ext.ot.cpu_kernel`) goes one step further on
+CPU: a whole (f, g) iteration per kernel call, one Gram product and one exponential per
+score; its single passes (envelope gradient, exact g rescue) run on ``'sdpa'``.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -49,29 +54,60 @@ def _triton_interpreted() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
+def _fused_cpu_error() -> Optional[str]:
+    from .cpu_kernel import kernel_error
+    return kernel_error()
+
+
+_warned_fused_cpu = False
+
+
 def available_backends() -> Tuple[str, ...]:
-    """Names accepted by :func:`softmin_pass` (``'auto'`` resolves to one of them)."""
+    """Backend names accepted here (``'auto'`` resolves to one of them)."""
     names = ['blocked']
     if _SDPA_CPU_OP is not None:
         names.insert(0, 'sdpa')
+    if _fused_cpu_error() is None:
+        names.insert(0, 'fused_cpu')
     if _triton_usable():
         names.append('triton')
     return tuple(names)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """'auto' → 'sdpa' on CPU (fastest measured, see benchmarks/RESULTS.md); on CUDA 'triton'
+    """'auto' → on CPU 'fused_cpu' for float32 when the kernel builds (fastest measured, see
+    benchmarks/RESULTS.md), else 'sdpa' (with a warning saying why, once); on CUDA 'triton'
     (fused kernel, float32) when Triton is installed, else 'blocked' (float64 always 'blocked').
 
     On CUDA the blocked path runs with TF32 disabled (IEEE fp32 scores): at small ε a
     TF32 / bf16 score error is multiplied by 1/ε inside the exponent (DESIGN §9).
     """
+    global _warned_fused_cpu
     if backend == 'auto':
         if device.type == 'cpu':
+            if dtype == torch.float32:
+                reason = _fused_cpu_error()
+                if reason is None:
+                    return 'fused_cpu'
+                if not _warned_fused_cpu:
+                    _warned_fused_cpu = True
+                    warnings.warn(f'vdot_ext.ot: fused CPU Sinkhorn kernel unavailable ({reason}); '
+                                  "using backend 'sdpa' (about 3-4x slower per iteration)", RuntimeWarning)
             return 'sdpa' if _SDPA_CPU_OP is not None else 'blocked'
         if device.type == 'cuda' and dtype == torch.float32 and _triton_usable():
             return 'triton'
         return 'blocked'
+    if backend == 'fused_cpu':
+        reason = _fused_cpu_error()
+        if reason is not None:
+            raise ValueError(f"backend='fused_cpu' is unavailable: {reason}")
+        if device.type != 'cpu' or dtype != torch.float32:
+            raise ValueError(f"backend='fused_cpu' runs float32 CPU tensors; got {dtype} on {device} "
+                             "(use backend='auto')")
+        if _SDPA_CPU_OP is None:
+            raise ValueError("backend='fused_cpu' needs the CPU flash-attention op for its single passes, "
+                             f'missing in torch {torch.__version__}; use backend="blocked"')
+        return backend
     if backend == 'sdpa':
         if _SDPA_CPU_OP is None:
             raise ValueError("backend='sdpa' needs torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, "
@@ -91,7 +127,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
         return backend
     if backend == 'blocked':
         return backend
-    raise ValueError(f"backend must be one of 'auto', 'sdpa', 'blocked', 'triton'; got {backend!r}")
+    raise ValueError(f"backend must be one of 'auto', 'fused_cpu', 'sdpa', 'blocked', 'triton'; got {backend!r}")
 
 
 def block_plan(num_problems: int, num_rows: int, num_cols: int,
@@ -171,7 +207,7 @@ def softmin_pass(x: Tensor, y: Tensor, bias: Tensor, epsilon: float, *, values: 
         raise ValueError(f'values must have the feature size of x ({x.shape[-1]}), got {values.shape[-1]}')
     name = resolve_backend(backend, x.device, x.dtype)
     inv_eps = 1.0 / float(epsilon)
-    if name == 'sdpa':
+    if name in ('sdpa', 'fused_cpu'):   # a single pass: the fused backend's passes run on sdpa
         return _softmin_sdpa_cpu(x, y, bias, inv_eps, values)
     if name == 'triton':
         from .triton_sinkhorn import softmin_triton
