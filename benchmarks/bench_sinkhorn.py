@@ -40,13 +40,24 @@ import warnings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = '## Sinkhorn (OTD)'
 
-LARGE_METHODS = ['ours_sdpa', 'ours_blocked', 'pot_sinkhorn_log', 'ott_dense', 'ott_online', 'geomloss_tensorized']
-PAPER_METHODS = ['ours_sdpa', 'ours_blocked', 'ours_sdpa_tol', 'ours_sdpa_tol_plain', 'public_vdot']
+LARGE_METHODS = ['ours_fused', 'ours_sdpa', 'ours_blocked', 'pot_sinkhorn_log', 'ott_dense', 'ott_online',
+                 'geomloss_tensorized']
+PAPER_METHODS = ['ours_fused', 'ours_sdpa', 'ours_blocked', 'ours_fused_tol', 'ours_fused_tol_plain', 'public_vdot']
+# our variants: method → (backend, tolerance mode?, over-relaxation)
+OURS = {
+    'ours_fused': ('fused_cpu', False, None),
+    'ours_sdpa': ('sdpa', False, None),
+    'ours_blocked': ('blocked', False, None),
+    'ours_fused_tol': ('fused_cpu', True, 'auto'),
+    'ours_fused_tol_plain': ('fused_cpu', True, None),
+}
+BASELINE = 'ours_fused'     # what backend='auto' runs on CPU: the ratios are against it
 METHOD_LABEL = {
+    'ours_fused': 'vdot_ext (fused_cpu, fixed iters)',
     'ours_sdpa': 'vdot_ext (sdpa, fixed iters)',
     'ours_blocked': 'vdot_ext (blocked addmm, fixed iters)',
-    'ours_sdpa_tol': 'vdot_ext (sdpa, tol 1e-3, auto over-relaxation)',
-    'ours_sdpa_tol_plain': 'vdot_ext (sdpa, tol 1e-3, plain)',
+    'ours_fused_tol': 'vdot_ext (fused_cpu, tol 1e-3, auto over-relaxation)',
+    'ours_fused_tol_plain': 'vdot_ext (fused_cpu, tol 1e-3, plain)',
     'public_vdot': 'public-VDOT pattern (autograd, per frame, dense)',
     'pot_sinkhorn_log': "POT ot.sinkhorn 'sinkhorn_log' (torch)",
     'ott_dense': 'ott-jax PointCloud dense',
@@ -304,14 +315,10 @@ def _worker(spec):
     else:
         eps = spec['eps_rel'] * _mean_cost(a, b)
     m = spec['method']
-    if m == 'ours_sdpa':
-        run, warm, evaluate = _run_ours(spec, a, b, eps, 'sdpa', overrelaxation=None)
-    elif m == 'ours_blocked':
-        run, warm, evaluate = _run_ours(spec, a, b, eps, 'blocked', overrelaxation=None)
-    elif m == 'ours_sdpa_tol':
-        run, warm, evaluate = _run_ours(spec, a, b, eps, 'sdpa', tol=spec['tol'], overrelaxation='auto')
-    elif m == 'ours_sdpa_tol_plain':
-        run, warm, evaluate = _run_ours(spec, a, b, eps, 'sdpa', tol=spec['tol'], overrelaxation=None)
+    if m in OURS:
+        backend, tol_mode, relax = OURS[m]
+        run, warm, evaluate = _run_ours(spec, a, b, eps, backend, tol=spec['tol'] if tol_mode else None,
+                                        overrelaxation=relax)
     elif m == 'public_vdot':
         run, warm, evaluate = _run_public_vdot(spec, a, b, eps)
     elif m == 'pot_sinkhorn_log':
@@ -438,14 +445,14 @@ def render(rows, command=None):
                 key = (r.get('n'), r.get('eps_rel'))
                 groups.setdefault(key, {})[r['method']] = r
         for key, g in groups.items():
-            ours = g.get('ours_sdpa')
+            ours = g.get(BASELINE)
             if not ours:
                 continue
             for other in ('public_vdot', 'pot_sinkhorn_log', 'ott_dense', 'ott_online', 'geomloss_tensorized',
-                          'ours_blocked'):
+                          'ours_sdpa', 'ours_blocked'):
                 if other in g:
                     label = (f'I=J={key[0]}, ε={key[1]:g}×mean: ' if suite == 'large' else '')
-                    ratio_lines.append(f"- {label}{METHOD_LABEL[other]} / vdot_ext (sdpa): wall time "
+                    ratio_lines.append(f"- {label}{METHOD_LABEL[other]} / {METHOD_LABEL[BASELINE]}: wall time "
                                        f"{g[other]['wall_s'] / ours['wall_s']:.1f}×, CPU time "
                                        f"{g[other]['cpu_s'] / max(ours['cpu_s'], 1e-9):.1f}×, peak memory "
                                        f"{g[other]['peak_extra_mb'] / max(ours['peak_extra_mb'], 1e-3):.0f}×")
@@ -534,7 +541,7 @@ def main(argv=None):
             row['wall_s'] *= k
             row['cpu_s'] *= k
             row['peak_extra_mb'] *= k
-        if row['method'].startswith('ours_sdpa_tol') and row['status'] == 'ok':
+        if row['method'] in OURS and OURS[row['method']][1] and row['status'] == 'ok':
             row['note'] = f"stop at col err ≤ {row['tol']:g}"
         rows.append(row)
         print(f"[{time.time() - t0:6.1f}s] {json.dumps({k: v for k, v in row.items() if k != 'machine'})}",
