@@ -198,6 +198,25 @@ def test_overrelaxation_needs_fewer_iterations():
     assert relaxed.iters < plain.iters
 
 
+@pytest.mark.parametrize('dtype,backend', [(torch.float64, 'sdpa'), (torch.float32, 'fused_cpu')])
+def test_eps_scaling_anneals_then_converges_to_the_reference(dtype, backend):
+    a, b = _clouds(2, 90, 70, 8, seed=22)
+    eps = 0.01 * _mean_cost(a, b)
+    res = sinkhorn(a.to(dtype), b.to(dtype), eps, tol=1e-4, max_iters=4000, eps_scaling=0.5,
+                   return_plan=True, return_gradient=True, backend=backend)
+    ref = sinkhorn_reference(a.to(dtype).double(), b.to(dtype).double(), eps, tol=1e-10)
+    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    eps0 = 0.5 * float(ac.norm(dim=-1).amax() + bc.norm(dim=-1).amax()) ** 2
+    assert res.annealing_iters == math.ceil(math.log(eps / eps0) / math.log(0.5))   # ε_0 q^k > ε
+    assert res.converged and res.iters > res.annealing_iters
+    assert float(res.col_err.max()) <= 1e-4
+    assert _rel(res.plan, ref.plan) < 3e-3 and _rel(res.gradient, ref.gradient) < 3e-3
+    with pytest.raises(ValueError, match='tolerance-mode option'):
+        sinkhorn(a, b, eps, num_iters=5, eps_scaling=0.5)
+    with pytest.raises(ValueError, match=r'eps_scaling must be in \(0, 1\)'):
+        sinkhorn(a, b, eps, tol=1e-3, eps_scaling=1.0)
+
+
 def test_tolerance_floor_and_argument_errors():
     a, b = _clouds(1, 5, 6, 3, seed=19, dtype=torch.float32)
     with pytest.raises(ValueError, match='floor'):

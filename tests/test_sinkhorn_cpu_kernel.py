@@ -48,11 +48,11 @@ def test_one_iteration_matches_float64_maths(shape):
     log_u = torch.log_softmax(torch.randn(P, I, generator=gen, dtype=torch.float64), dim=1)
     q = torch.randn(P, I, generator=gen, dtype=torch.float64) - math.log(J)
     omega = torch.linspace(1.0, 1.8, P, dtype=torch.float64)
-    kernel = FusedCPUIteration(a.float(), b.float(), log_u.float(), eps)
+    kernel = FusedCPUIteration(a.float(), b.float(), log_u.float())
     S = a @ b.transpose(1, 2) / eps + h[:, None, :]
     L = torch.logsumexp(S, dim=2)
     for q_arg, om in ((None, torch.ones(P, dtype=torch.float64)), (q, omega)):
-        lse, mass = kernel(h.float(), None if q_arg is None else q_arg.float(), None if q_arg is None else om)
+        lse, mass = kernel(h.float(), eps, None if q_arg is None else q_arg.float(), None if q_arg is None else om)
         assert lse.shape == (P, I) and mass.shape == (P, J) and mass.dtype == torch.float64
         torch.testing.assert_close(lse.double(), L, rtol=0, atol=2e-5 * float(L.abs().max().clamp_min(1)))
         c = log_u + (1 - om[:, None]) * (q if q_arg is not None else 0) - om[:, None] * L

@@ -82,6 +82,8 @@ class OTDLoss(nn.Module):
         loss_weight: multiplies the loss.
         max_iters: iteration cap in tolerance mode.
         overrelaxation: Sinkhorn over-relaxation ('auto': adaptive in tolerance mode only).
+        eps_scaling: tolerance mode only: ε-annealing factor in (0, 1) (see :func:`vdot_ext.ot.sinkhorn`);
+            None (default) iterates at ε from the start.
         backend: 'auto' | 'fused_cpu' | 'sdpa' | 'blocked' | 'triton' (see :mod:`vdot_ext.ot.streaming`).
         block_elems: scores held at once by the blocked backend.
         norm_eps: floor of the normaliser (avoids 0/0 when fake == real).
@@ -97,7 +99,8 @@ class OTDLoss(nn.Module):
     def __init__(self, epsilon: float = 0.1, num_iters: int = 60, pool_kernel: int = 2,
                  normalize: str = 'l2_frame', grad_scale: float = 0.1, tol: Optional[float] = None,
                  loss_weight: float = 1.0, max_iters: int = 2000, overrelaxation='auto',
-                 backend: str = 'auto', block_elems: int = DEFAULT_BLOCK_ELEMS, norm_eps: float = 1e-12):
+                 backend: str = 'auto', block_elems: int = DEFAULT_BLOCK_ELEMS, norm_eps: float = 1e-12,
+                 eps_scaling: Optional[float] = None):
         super().__init__()
         if not epsilon > 0:
             raise ValueError(f'OTDLoss: epsilon must be > 0, got {epsilon}')
@@ -107,6 +110,8 @@ class OTDLoss(nn.Module):
             raise ValueError(f'OTDLoss: normalize must be one of {_NORMALIZE}, got {normalize!r}')
         if num_iters < 0:
             raise ValueError(f'OTDLoss: num_iters must be >= 0, got {num_iters}')
+        if eps_scaling is not None and tol is None:
+            raise ValueError('OTDLoss: eps_scaling needs tolerance mode (set tol)')
         self.epsilon = float(epsilon)
         self.num_iters = int(num_iters)
         self.pool_kernel = int(pool_kernel)
@@ -116,6 +121,7 @@ class OTDLoss(nn.Module):
         self.loss_weight = float(loss_weight)
         self.max_iters = int(max_iters)
         self.overrelaxation = overrelaxation
+        self.eps_scaling = eps_scaling
         self.backend = backend
         self.block_elems = int(block_elems)
         self.norm_eps = float(norm_eps)
@@ -145,7 +151,8 @@ class OTDLoss(nn.Module):
             else:
                 result = sinkhorn(a, b, self.epsilon, tol=self.tol, max_iters=self.max_iters,
                                   return_gradient=True, overrelaxation=self.overrelaxation,
-                                  backend=self.backend, block_elems=self.block_elems)
+                                  backend=self.backend, block_elems=self.block_elems,
+                                  eps_scaling=self.eps_scaling)
             # g_i = Σ_j T*_ij (a_i − b_j) on tokens → full resolution by the pooling adjoint
             grad = tokens_to_frames_adjoint(result.gradient, shape, self.pool_kernel)
             raw_norm = grad.norm()

@@ -153,12 +153,12 @@ class FusedCPUIteration:
 
     Holds the padded copies of the centred clouds (rows of ``a`` to the kernel's row tile,
     columns of ``bᵀ`` to its column tile) for the whole solve. Call with the row-pass bias
-    ``h = log μ + (g − ½‖b'‖²)/ε`` and, for an over-relaxed f, ``q = (f_old − ½‖a'‖²)/ε`` and ω;
+    ``h = log μ + (g − ½‖b'‖²)/ε``, ε and, for an over-relaxed f, ``q = (f_old − ½‖a'‖²)/ε`` and ω;
     returns the row log-sum-exp ``L`` [P, I] and the column masses ``M`` [P, J] (float64) of the
     plan exp(c_i + S_ij) with c_i = log u_i + (1 − ω) q_i − ω L_i.
     """
 
-    def __init__(self, ac: Tensor, bc: Tensor, log_u: Tensor, epsilon: float):
+    def __init__(self, ac: Tensor, bc: Tensor, log_u: Tensor):
         if ac.device.type != 'cpu' or ac.dtype != torch.float32 or bc.dtype != torch.float32:
             raise ValueError('FusedCPUIteration takes float32 CPU tensors, got '
                              f'{ac.dtype}/{bc.dtype} on {ac.device}')
@@ -176,9 +176,8 @@ class FusedCPUIteration:
         # padded columns get a very negative bias: never a row maximum, exp() → 0
         self.h = ac.new_full((P, self.Jp), -1e30)
         self.log_u = log_u.to(torch.float32).contiguous()
-        self.inv_eps = 1.0 / float(epsilon)
 
-    def __call__(self, h: Tensor, q: Optional[Tensor] = None,
+    def __call__(self, h: Tensor, epsilon: float, q: Optional[Tensor] = None,
                  omega: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         P, I, J, D = self.shape
         self.h[:, :J] = h
@@ -193,7 +192,7 @@ class FusedCPUIteration:
             q_ptr = q.data_ptr()
         status = self.lib.sinkhorn_cpu_fg(
             self.A.data_ptr(), self.Bt.data_ptr(), self.h.data_ptr(), self.log_u.data_ptr(), q_ptr,
-            omega.data_ptr(), P, I, self.Ip, J, self.Jp, D, self.inv_eps, torch.get_num_threads(),
+            omega.data_ptr(), P, I, self.Ip, J, self.Jp, D, 1.0 / float(epsilon), torch.get_num_threads(),
             lse.data_ptr(), mass.data_ptr())
         if status != 0:
             raise RuntimeError(f'sinkhorn_cpu_fg failed with status {status} '

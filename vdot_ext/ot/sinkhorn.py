@@ -66,6 +66,7 @@ class SinkhornResult:
     plan: Optional[Tensor] = None      # [P, I, J], only if return_plan=True
     backend: str = ''                  # the backend that ran ('fused_cpu', 'sdpa', 'blocked', 'triton')
     exact_g_steps: int = 0             # 'fused_cpu': g half-steps redone in the log domain (mass underflow)
+    annealing_iters: int = 0           # eps_scaling: iterations at ε_k > ε (included in iters)
 
 
 def _log_weights(w: Optional[Tensor], P: int, N: int, name: str, dtype, device) -> Tensor:
@@ -107,7 +108,7 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
              a_weights: Optional[Tensor] = None, b_weights: Optional[Tensor] = None,
              overrelaxation: Union[str, float, None] = 'auto', return_gradient: bool = False,
              return_plan: bool = False, backend: str = 'auto',
-             block_elems: int = DEFAULT_BLOCK_ELEMS) -> SinkhornResult:
+             block_elems: int = DEFAULT_BLOCK_ELEMS, eps_scaling: Optional[float] = None) -> SinkhornResult:
     """Solve P entropic OT problems ½‖a_i − b_j‖² in one call, log domain, streaming.
 
     Args:
@@ -128,6 +129,10 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
             'sdpa' (CPU flash-attention kernel per half-step) | 'triton' (fused CUDA kernel) |
             'blocked' (baddbmm blocks, any device).
         block_elems: score elements held at once by the blocked backend.
+        eps_scaling: tolerance mode only: ε-annealing factor q ∈ (0, 1). Before iterating at ε, one
+            (f, g) iteration at each of ε_k = ε_0 q^k > ε, ε_0 = ½ (max‖a'‖ + max‖b'‖)² (the largest
+            cost of the centred clouds), warm-starting the potentials (Kosowsky & Yuille 1994;
+            Schmitzer 2019; geomloss' ``scaling``). These iterations count in ``iters``.
     """
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f'a must be [P, I, D] and b [P, J, D] with the same P and D; '
@@ -148,7 +153,12 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         if max_iters < 1:
             raise ValueError(f'max_iters must be >= 1, got {max_iters}')
         n_max = int(max_iters)
+        if eps_scaling is not None and not 0.0 < float(eps_scaling) < 1.0:
+            raise ValueError(f'eps_scaling must be in (0, 1), got {eps_scaling}')
     else:
+        if eps_scaling is not None:
+            raise ValueError('eps_scaling is a tolerance-mode option (give tol): with a fixed '
+                             'iteration count the annealing would change what num_iters means')
         n_max = 60 if num_iters is None else int(num_iters)
         if n_max < 0:
             raise ValueError(f'num_iters must be >= 0, got {num_iters}')
@@ -188,43 +198,52 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         pass_backend = 'sdpa' if backend == 'fused_cpu' else backend
         exact_g_steps = 0
 
-        def f_update(g):   # f_i = ½‖a_i‖² − ε LSE_j(a_i·b_j/ε + log μ_j + (g_j − ½‖b_j‖²)/ε)
-            lse, _ = softmin_pass(ac, bc, log_mu + (g - half_sq_b) / eps, eps, backend=pass_backend,
+        def f_update(g, e):   # f_i = ½‖a_i‖² − ε LSE_j(a_i·b_j/ε + log μ_j + (g_j − ½‖b_j‖²)/ε)
+            lse, _ = softmin_pass(ac, bc, log_mu + (g - half_sq_b) / e, e, backend=pass_backend,
                                   block_elems=block_elems)
-            return half_sq_a - eps * lse
+            return half_sq_a - e * lse
 
-        def g_update(f):   # g_j = ½‖b_j‖² − ε LSE_i(b_j·a_i/ε + log u_i + (f_i − ½‖a_i‖²)/ε)
-            lse, _ = softmin_pass(bc, ac, log_u + (f - half_sq_a) / eps, eps, backend=pass_backend,
+        def g_update(f, e):   # g_j = ½‖b_j‖² − ε LSE_i(b_j·a_i/ε + log u_i + (f_i − ½‖a_i‖²)/ε)
+            lse, _ = softmin_pass(bc, ac, log_u + (f - half_sq_a) / e, e, backend=pass_backend,
                                   block_elems=block_elems)
-            return half_sq_b - eps * lse
+            return half_sq_b - e * lse
 
         fused = None
         if backend == 'fused_cpu':
             from .cpu_kernel import FusedCPUIteration
-            fused = FusedCPUIteration(ac, bc, log_u, eps)
+            fused = FusedCPUIteration(ac, bc, log_u)
 
-        def f_then_g(g, f_old=None, omega=None):
-            """One iteration from g: f_new = F(g); f = f_old + ω (f_new − f_old) (f_new if no
-            f_old); g_next = G(f). Returns (f, f_new, g_next)."""
+        def f_then_g(g, f_old=None, omega=None, e=eps):
+            """One iteration from g at ε = e: f_new = F(g); f = f_old + ω (f_new − f_old) (f_new if
+            no f_old); g_next = G(f). Returns (f, f_new, g_next)."""
             nonlocal exact_g_steps
             if fused is None:
-                f_new = f_update(g)
+                f_new = f_update(g, e)
                 f = f_new if f_old is None else f_old + omega * (f_new - f_old)
-                return f, f_new, g_update(f)
+                return f, f_new, g_update(f, e)
             # fused CPU kernel: L = row LSE (→ f_new) and the column masses M of the plan with the
             # new f, so that G(f)_j = g_j + ε (log μ_j − log M_j)   (see csrc/sinkhorn_cpu.c)
-            h = log_mu + (g - half_sq_b) / eps
-            q = None if f_old is None else (f_old - half_sq_a) / eps
-            lse, mass = fused(h, q, None if f_old is None else omega)
-            f_new = half_sq_a - eps * lse
+            h = log_mu + (g - half_sq_b) / e
+            q = None if f_old is None else (f_old - half_sq_a) / e
+            lse, mass = fused(h, e, q, None if f_old is None else omega)
+            f_new = half_sq_a - e * lse
             f = f_new if f_old is None else f_old + omega * (f_new - f_old)
             if not bool((mass >= MIN_COLUMN_MASS).all()):     # also catches NaN / inf masses
                 exact_g_steps += 1
-                return f, f_new, g_update(f)
-            g_next = (g.double() + eps * (log_mu.double() - mass.log())).to(dtype)
+                return f, f_new, g_update(f, e)
+            g_next = (g.double() + e * (log_mu.double() - mass.log())).to(dtype)
             return f, f_new, g_next
 
         g = torch.zeros(P, J, dtype=dtype, device=device)
+        iters = 0
+        if eps_scaling is not None:
+            # ε-annealing: ε_0 = ½ (max‖a'‖ + max‖b'‖)² ≥ every centred cost, then ε_k = ε_0 q^k > ε
+            e = 0.5 * float(ac.norm(dim=-1).amax() + bc.norm(dim=-1).amax()) ** 2
+            while e > eps:
+                _, _, g = f_then_g(g, e=e)
+                iters += 1
+                e *= float(eps_scaling)
+        annealing_iters = iters
         f, f_new, g_next = f_then_g(g)
         omega = torch.ones(P, 1, dtype=dtype, device=device)
         omega_cap = torch.full((P, 1), _RELAX_MAX if relax_fixed is None else relax_fixed,
@@ -233,7 +252,6 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         plain_since = torch.zeros(P, dtype=torch.long, device=device)  # plain iterations in a row
         col_err = None
         converged = None
-        iters = 0
         while True:
             if tol is not None:
                 col_err = marginal_errors_from_potentials(g_next, g, log_mu, eps)
@@ -301,7 +319,7 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
         shift_b = -(bc * delta).sum(-1)
         return SinkhornResult(f=f + shift_a, g=g + shift_b, iters=iters, row_err=row_err, col_err=col_err,
                               epsilon=epsilon, converged=converged, gradient=gradient, plan=plan,
-                              backend=backend, exact_g_steps=exact_g_steps)
+                              backend=backend, exact_g_steps=exact_g_steps, annealing_iters=annealing_iters)
 
 
 def _adapt_relaxation(errs, omega, omega_cap, plain_since, relax_fixed):
