@@ -228,7 +228,7 @@ def sinkhorn(a: Tensor, b: Tensor, epsilon: float, *, num_iters: Optional[int] =
             lse, mass = fused(h, e, q, None if f_old is None else omega)
             f_new = half_sq_a - e * lse
             f = f_new if f_old is None else f_old + omega * (f_new - f_old)
-            if not bool((mass >= MIN_COLUMN_MASS).all()):     # also catches NaN / inf masses
+            if not bool((torch.isfinite(mass) & (mass >= MIN_COLUMN_MASS)).all()):
                 exact_g_steps += 1
                 return f, f_new, g_update(f, e)
             g_next = (g.double() + e * (log_mu.double() - mass.log())).to(dtype)

@@ -142,10 +142,12 @@ int sinkhorn_cpu_fg(const float *A, const float *Bt, const float *h, const float
                     const float *q, const double *omega, long P, long I, long Ip, long J, long Jp,
                     int D, float inv_eps, int num_threads, float *lse, double *mass) {
     if (Ip % R != 0 || Jp % TILE != 0 || Ip < I || Jp < J) return 1;
-    if (num_threads < 1) num_threads = 1;
     const long chunk = 12 * R;                       /* rows per work item */
     const long chunks = (Ip + chunk - 1) / chunk;
     const long items = P * chunks;
+    /* no more threads than work items: each thread holds a P×J float64 partial sum */
+    if (num_threads > items) num_threads = (int)items;
+    if (num_threads < 1) num_threads = 1;
     double *part = calloc((size_t)num_threads * P * J, sizeof(double));
     if (!part) return 2;
     int status = 0;
