@@ -410,8 +410,8 @@ def render(rows, command=None):
                 f"{info['threads']} torch threads, Python {info['python']}; {info['date']}. "
                 f"Load averages (1/5/15 min) when each invocation started: "
                 f"{'; '.join(sorted({r['machine']['date'] + ': ' + r['machine']['load'] for r in rows if 'machine' in r}))}"
-                ' — the machine was shared with other jobs: compare ratios within one table and CPU times, '
-                'not absolute wall times.', '']
+                ' (the benchmark itself keeps about 2 threads busy; a higher load means other jobs shared the '
+                'machine): compare ratios within one table and CPU times rather than absolute wall times.', '']
     if command:
         out += ['Command(s):', '', '```', *command, '```', '']
     out += ['Peak extra memory: each method runs in its own subprocess; after imports, inputs and a warm-up '
