@@ -134,6 +134,10 @@ class TaskSpec:
     control: Optional[str] = None
 
 
+# Bumped whenever a condition's pixels change for the same source and options;
+# VCU caches record it in their key, so caches of older conditions are refused.
+CONDITION_VERSION = 1
+
 TASKS: Dict[str, TaskSpec] = {}
 
 
