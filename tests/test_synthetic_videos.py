@@ -1,4 +1,4 @@
-"""Synthetic VCU dataset (Table 1 semantics, encoding, cache) and video file I/O."""
+"""Synthetic VCU dataset (Table 1 semantics through patches.tasks, encoding, cache) and video file I/O."""
 import logging
 import os
 
@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from vdot_ext.data.synthetic_videos import (COLOURS, TASKS, SyntheticVideoDataset,
-                                            caption_vocabulary, prepare_tiny_codecs, render_scene,
-                                            sample_scene, scene_caption, to_luma)
+from vdot_ext.data.synthetic_videos import (COLOURS, TASKS, SyntheticVideoDataset, caption_vocabulary,
+                                            prepare_tiny_codecs, render_scene, sample_scene, scene_caption,
+                                            vcu_pixels)
 from vdot_ext.data.video_io import (read_png, read_video, side_by_side, uint8_to_video,
                                     video_to_uint8, write_mp4, write_png)
 from vdot_ext.models.tiny_codecs import TinyTextEncoder, TinyWanVAE, WordTokenizer
+from vdot_ext.patches import tasks as vcu_tasks
 from vdot_ext.patches.vcu import encode_vcu
+from vdot_ext.utils import NonFiniteError, safe_torch_load, save_torch
 
 T, H, W = 5, 32, 64  # decord reads widths ≥ 64 only
 N = 8  # two samples per task
@@ -51,6 +53,8 @@ def test_task_cycle_and_item_layout(dataset):
     for i in range(N):
         item = dataset[i]
         assert item['task'] == TASKS[i % 4] and item['index'] == i
+        assert isinstance(item['sample_id'], str) and item['sample_id'] == dataset.sample_id(i)
+        assert dataset.video_path(i).endswith(item['sample_id'] + '.mp4')
         n_ref = 1 if item['task'] == 'r2v' else 0
         assert item['num_ref'] == n_ref
         assert item['context'].shape == (16, 32)
@@ -73,9 +77,9 @@ def test_table1_r2v(dataset):
     assert torch.all(p['frames'] == 0) and torch.all(p['masks'] == 1)
     ref = p['ref_images']
     assert ref.shape == (3, 1, H, W)
-    object_px = (ref.abs() > 1e-3).any(0)
-    assert 0.02 < object_px.float().mean() < 0.5  # an object on grey
-    assert torch.all(ref[:, 0, 0, 0] == 0) and torch.all(ref[:, 0, -1, -1] == 0)  # grey corners
+    object_px = (ref < 1 - 1e-3).any(0)
+    assert 0.02 < object_px.float().mean() < 0.5  # an object on white (VACE's reference canvas)
+    assert torch.all(ref[:, 0, 0, 0] == 1) and torch.all(ref[:, 0, -1, -1] == 1)  # white corners
     # the object's colour is the caption's colour
     centre = (ref[:, 0, H // 2, W // 2] + 1) / 2
     base = torch.tensor(COLOURS[p['scene']['colour']])
@@ -93,34 +97,43 @@ def test_table1_r2v(dataset):
 
 def test_table1_v2v_gray(dataset):
     p = dataset.get_pixels(2)
-    assert p['task'] == 'v2v_gray' and p['ref_images'] is None
+    assert p['task'] == 'v2v_gray' and p['canonical_task'] == 'grey' and p['ref_images'] is None
     assert torch.all(p['masks'] == 1)
-    luma = 0.299 * p['video'][0] + 0.587 * p['video'][1] + 0.114 * p['video'][2]
+    # VACE's grey (BGR2GRAY on RGB), rounded to uint8 levels
+    grey = 0.114 * p['video'][0] + 0.587 * p['video'][1] + 0.299 * p['video'][2]
     for c in range(3):
-        assert torch.allclose(p['frames'][c], luma, atol=1e-6)
-    assert torch.allclose(to_luma(p['video'])[0], luma, atol=1e-6)
+        assert torch.allclose(p['frames'][c], grey, atol=1 / 127.5 + 1e-6)
+    bt601 = 0.299 * p['video'][0] + 0.587 * p['video'][1] + 0.114 * p['video'][2]
+    assert (p['frames'][0] - bt601).abs().max() > 4 / 127.5  # not BT.601
 
 
 def test_table1_mv2v_outpaint(dataset):
     p = dataset.get_pixels(3)
     assert p['task'] == 'mv2v_outpaint' and p['ref_images'] is None
-    bh, bw = round(0.25 * H / 2), round(0.25 * W / 2)
+    # VACE's video outpainting default: expand_ratio 0.25 on left and right, per side:
+    # a source of 64/1.5 columns plus ⌊64·0.25/1.5⌋ = 10 on each side; no rows
+    bw = 10
     m = p['masks'][0]
-    assert torch.all(m[:, :bh] == 1) and torch.all(m[:, -bh:] == 1)
     assert torch.all(m[:, :, :bw] == 1) and torch.all(m[:, :, -bw:] == 1)
-    assert torch.all(m[:, bh:H - bh, bw:W - bw] == 0)
+    assert torch.all(m[:, :, bw:W - bw] == 0)
     border = m.bool().expand(3, -1, -1, -1)
     assert torch.all(p['frames'][border] == 0)  # grey where generated
     assert torch.equal(p['frames'][~border], p['video'][~border])  # source kept
 
 
-def test_outpaint_ratio_is_configurable(tmp_path, codecs):
-    ds = _build(tmp_path, codecs, num_samples=1, tasks=('mv2v_outpaint', ), outpaint_ratio=0.5,
-                write_files=False)
+def test_task_options_reach_the_patches_builders(tmp_path, codecs):
+    ds = _build(tmp_path, codecs, num_samples=1, tasks=('mv2v_outpaint', ), write_files=False,
+                task_options=dict(expand_ratio=0.5, direction=['left', 'up']))
     m = ds.get_pixels(0)['masks'][0, 0]
-    assert m[:, :W // 4].eq(1).all() and m[H // 4:H - H // 4, W // 4:W - W // 4].eq(0).all()
-    with pytest.raises(ValueError, match='outpaint_ratio'):
-        _build(tmp_path, codecs, num_samples=1, tasks=('mv2v_outpaint', ), outpaint_ratio=1.5)
+    # expand: ⌊64·0.5/1.5⌋ = 21 columns on the left, ⌊32·0.5/1.5⌋ = 10 rows on top
+    assert m[0].eq(1).nonzero().numel() == W and m[:, 0].eq(1).all()
+    assert m[10:, 21:].eq(0).all() and m[10:, 20].eq(1).all() and m[9, 21:].eq(1).all()
+    with pytest.raises(ValueError, match='expand_ratio'):
+        _build(tmp_path, codecs, num_samples=1, tasks=('mv2v_outpaint', ),
+               task_options=dict(expand_ratio=-1))
+    with pytest.raises(ValueError, match="replaced by VACE's 'expand_ratio'"):
+        _build(tmp_path, codecs, num_samples=1, tasks=('mv2v_outpaint', ),
+               task_options=dict(outpaint_ratio=0.5))
 
 
 def test_vace_context_is_encode_vcu_of_pixels(dataset, codecs):
@@ -190,11 +203,65 @@ def test_cache_reuse_and_mismatch(tmp_path, codecs, caplog):
     assert 'no cache file' in caplog.text
     assert not torch.allclose(third[0]['latents'], first[0]['latents'])
     # a cache file that does not belong to its key is an error, not silently used
-    payload = torch.load(first.cache_path, weights_only=True)
+    payload = safe_torch_load(first.cache_path)
     payload['cache_key'] = 'something else'
-    torch.save(payload, first.cache_path)
+    save_torch(payload, first.cache_path)
     with pytest.raises(ValueError, match='does not match'):
         _build(tmp_path, codecs, write_files=False)
+
+
+def test_cache_key_covers_the_condition_version(tmp_path, codecs, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    first = _build(tmp_path, codecs, num_samples=2, write_files=False)
+    monkeypatch.setattr(vcu_tasks, 'CONDITION_VERSION', vcu_tasks.CONDITION_VERSION + 1)
+    caplog.clear()
+    newer = _build(tmp_path, codecs, num_samples=2, write_files=False)
+    assert newer.cache_path != first.cache_path and newer.num_encoded == 2  # old cache refused
+    assert 'no cache file' in caplog.text
+
+
+def test_nonfinite_cache_is_an_error_naming_the_file(tmp_path, codecs):
+    first = _build(tmp_path, codecs, num_samples=2, write_files=False)
+    payload = safe_torch_load(first.cache_path)
+    payload['latents'][1][0, 0, 0, 0] = float('nan')
+    save_torch(payload, first.cache_path)
+    with pytest.raises(NonFiniteError, match='latents.1') as err:
+        _build(tmp_path, codecs, num_samples=2, write_files=False)
+    assert first.cache_path in str(err.value)
+    # the cache is written atomically: no temporary file is left beside it
+    assert os.listdir(os.path.dirname(first.cache_path)) == [os.path.basename(first.cache_path)]
+
+
+def test_conditions_come_from_patches_tasks():
+    """One vocabulary: the demo's names are aliases, the pixels patches' builders."""
+    from vdot_ext.data.video_io import video_to_uint8
+    scene = sample_scene(0, 5)
+    video, ref = render_scene(scene, T, H, W)
+    for demo, task in (('v2v_gray', 'grey'), ('mv2v_outpaint', 'outpaint'), ('r2v', 'reference'),
+                       ('t2v', 't2v')):
+        assert vcu_tasks.resolve_task(demo) == (task, {})
+        a, b = vcu_pixels(demo, video, ref), vcu_pixels(task, video, ref)
+        assert a['canonical_task'] == task and torch.equal(a['frames'], b['frames'])
+        assert torch.equal(a['masks'], b['masks'])
+    grey = vcu_tasks.build_vcu('grey', vcu_tasks.SourceSample('x', video_to_uint8(video)))
+    assert torch.equal(vcu_pixels('v2v_gray', video, ref)['frames'], grey.frames_tensor())
+    # any task a rendered video can give: black-on-white scribbles, first frame + grey
+    scribble = vcu_pixels('scribble', video, ref)['frames']
+    assert float(scribble.mean()) > 0.5 and bool((scribble < 0).any())
+    first = vcu_pixels('firstframe_grey', video, ref)
+    assert torch.all(first['masks'][:, 0] == 0) and torch.all(first['masks'][:, 1:] == 1)
+
+
+def test_extension_modes_drawn_per_sample_and_deterministic(tmp_path, codecs):
+    kw = dict(num_samples=8, tasks=('extension', ), write_files=False, with_vace_context=False,
+              task_options=dict(extension_mode={'firstclip': 1, 'lastframe': 1}))
+    a, b = _build(tmp_path / 'a', codecs, **kw), _build(tmp_path / 'b', codecs, **kw)
+    modes = [a.get_pixels(i)['info']['extension_mode'] for i in range(8)]
+    assert set(modes) == {'firstclip', 'lastframe'}
+    assert modes == [b.get_pixels(i)['info']['extension_mode'] for i in range(8)]
+    for i, mode in enumerate(modes):
+        kept = a.get_pixels(i)['info']['kept_frames']
+        assert kept == ([0, 1] if mode == 'firstclip' else [T - 1])  # clip (5 − 1)/4 + 1 = 2
 
 
 def test_t2v_only_without_vace_context(tmp_path, codecs):
@@ -207,8 +274,12 @@ def test_t2v_only_without_vace_context(tmp_path, codecs):
 
 
 def test_bad_configuration_errors(tmp_path, codecs):
-    with pytest.raises(ValueError, match='tasks'):
-        _build(tmp_path, codecs, tasks=('depth', ))
+    for task, match in (('depth', 'depth model'), ('inpaint', 'mask or box'),
+                        ('clipref', 'firstclip'), ('levitate', 'unknown task')):
+        with pytest.raises(ValueError, match=match):
+            _build(tmp_path, codecs, tasks=(task, ))
+    with pytest.raises(TypeError, match='outpaint_ratio'):
+        _build(tmp_path, codecs, outpaint_ratio=0.25)
     with pytest.raises(ValueError, match='num_frames'):
         _build(tmp_path, codecs, num_frames=6)
     with pytest.raises(ValueError, match='multiples of 16'):
@@ -228,7 +299,7 @@ def test_files_written_and_readable(dataset):
         assert err.mean() < 8  # lossy H.264, same content
     ref = read_png(dataset.reference_path(1))
     assert ref.shape == (H, W, 3)
-    assert np.abs(ref.astype(int) - 128).max(axis=-1)[0, 0] <= 1  # grey background
+    assert ref[0, 0].tolist() == [255, 255, 255]  # white background (VACE's reference canvas)
     index_file = os.path.join(os.path.dirname(dataset.video_path(0)), 'index.jsonl')
     assert sum(1 for _ in open(index_file)) == N + 1
 

@@ -2,7 +2,9 @@
 from real mp4/png files, against computations made here from the decoded files.
 
 Conventions checked: frames in [-1, 1] with grey 127.5 ≙ 0 for missing pixels,
-masks 1 = generate, references fitted on a white canvas and prepended.
+masks 1 = generate, references fitted on a white canvas and prepended, VACE's
+grey (BGR2GRAY weights on RGB), black-on-white scribbles, per-side expand_ratio.
+The values VACE's own formulas give are pinned in test_vace_conventions.py.
 """
 import logging
 
@@ -19,7 +21,7 @@ from vdot_ext.patches.vcu_dataset import VCUManifestDataset
 from vdot_ext.patches.video_reader import VCUInputError
 
 T, H, W = 17, 48, 64  # clip; source files are 21 frames of 48 × 64
-LUMA = np.array([0.299, 0.587, 0.114])
+VACE_GREY = np.array([0.114, 0.587, 0.299])  # vace/annotators/gray.py: BGR2GRAY on RGB
 
 
 def render(seed, frames=21):
@@ -68,7 +70,8 @@ def unit(u8):
 
 
 def luma(u8):
-    y = (u8.astype(np.float64) * LUMA).sum(-1)
+    """VACE's grey of uint8 RGB frames, as float [3, T, H, W] in [-1, 1]."""
+    y = (u8.astype(np.float64) * VACE_GREY).sum(-1)
     return torch.from_numpy(np.repeat(y[..., None], 3, -1).astype(np.float32)).permute(3, 0, 1, 2) / 127.5 - 1
 
 
@@ -100,8 +103,8 @@ def test_depth_pose_use_the_manifest_condition(src, task):
 
 def test_grey(src):
     vcu = one(src, dict(task='grey'))
-    # OpenCV's fixed-point BT.601 (what VACE's GrayAnnotator runs) is within one
-    # uint8 level of the exact formula
+    # OpenCV's fixed point of VACE's BGR2GRAY-on-RGB is within one uint8 level of
+    # 0.114 R + 0.587 G + 0.299 B
     assert_v2v(vcu, luma(src['gt']), src, atol=1 / 127.5 + 1e-6)
     assert bool((vcu['frames'][0] == vcu['frames'][1]).all())
     # a precomputed grey video in the manifest is used as is
@@ -109,11 +112,12 @@ def test_grey(src):
     assert_v2v(vcu, unit(src['depth']), src)
 
 
-def test_scribble_is_an_edge_map_of_the_frames(src):
+def test_scribble_is_black_lines_on_white(src):
     vcu = one(src, dict(task='scribble'))
     frames = vcu['frames']
     assert set(torch.unique(frames).tolist()) <= {-1.0, 1.0}
-    edges = frames[0] > 0
+    assert float(frames.mean()) > 0.5  # mostly white paper (VACE's scribble polarity)
+    edges = frames[0] < 0  # black lines
     expected = np.stack([cv2.Canny(cv2.GaussianBlur(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (3, 3), 0),
                                    100, 200) > 0 for f in src['gt']])
     np.testing.assert_array_equal(edges.numpy(), expected)
@@ -184,17 +188,29 @@ def test_reference_crop_by_box(src):
 
 def test_outpaint(src):
     vcu = one(src, dict(task='outpaint'))
-    # ratio 0.25 on all sides: round(0.25·48/2) = 6 rows, round(0.25·64/2) = 8 columns per side
+    # VACE's video default: expand_ratio 0.25 on left and right of a source s wide, canvas
+    # s·1.5 = 64 → ⌊64·0.25/1.5⌋ = 10 columns per side, no rows
     expected = torch.ones(1, T, H, W)
-    expected[:, :, 6:42, 8:56] = 0
+    expected[:, :, :, 10:54] = 0
     assert torch.equal(vcu['masks'], expected)
     np.testing.assert_allclose(vcu['frames'], unit(src['gt']) * (1 - expected), atol=1e-6)
-    left = one(src, dict(task='outpainting', outpaint_ratio=0.5, outpaint_directions=['left']))
+    # manifest columns in VACE's names; 'outpainting_inner' greys ⌊0.5·64⌋ = 32 columns in place
+    left = one(src, dict(task='outpainting_inner', expand_ratio=0.5, direction=['left']))
     expected = torch.zeros(1, T, H, W)
     expected[..., :32] = 1
     assert torch.equal(left['masks'], expected)
     assert bool((left['frames'][..., :32] == 0).all())
     np.testing.assert_allclose(left['frames'][..., 32:], unit(src['gt'])[..., 32:], atol=1e-6)
+    # the same ratio as VACE's canvas expansion: the source is 64/1.5 wide, ⌊64·0.5/1.5⌋ = 21
+    expand = one(src, dict(task='outpainting', expand_ratio=0.5, direction='left'))
+    assert expand['masks'][0, 0, 0].eq(1).nonzero().flatten().tolist() == list(range(21))
+    # per side, and the retired option name is refused with the way out
+    sides = one(src, dict(task='outpaint', options=dict(expand_ratio=dict(up=0.5, right=0.25))))
+    # up: ⌊48·0.5/1.5⌋ = 16 rows; right: ⌊64·0.25/1.25⌋ = 12 columns
+    assert sides['masks'][0, 0, :, 0].eq(1).nonzero().flatten().tolist() == list(range(16))
+    assert sides['masks'][0, 0, -1].eq(1).nonzero().flatten().tolist() == list(range(52, 64))
+    with pytest.raises(VCUInputError, match="replaced by VACE's 'expand_ratio'"):
+        one(src, dict(task='outpaint', outpaint_ratio=0.5))
     # a mask video from the manifest wins; missing pixels are grey
     given = one(src, dict(task='outpaint', mask='mask.mp4'))
     m = torch.from_numpy(src['mask']).float()[None]
@@ -204,6 +220,7 @@ def test_outpaint(src):
 
 @pytest.mark.parametrize('mode, kept', [
     ('firstclip', list(range(0, 5))), ('lastclip', list(range(12, 17))),
+    ('firstlastclip', list(range(0, 5)) + list(range(12, 17))),
     ('firstframe', [0]), ('lastframe', [16]), ('firstlastframe', [0, 16])])
 def test_extension_modes(src, mode, kept):
     vcu = one(src, dict(task='extension', options=dict(extension_mode=mode)))

@@ -6,24 +6,32 @@ gradient background, captioned e.g. "a red striped circle moving left on a
 blue gradient background". Everything is a deterministic function of
 ``(seed, index)``.
 
-Sample ``index`` gets task ``tasks[index % len(tasks)]``; its VCU
-``[T; F; M]`` follows the VDOT paper's Table 1 (after VACE):
+Sample ``index`` gets task ``tasks[index % len(tasks)]``. Its VCU ``[T; F; M]``
+is built by :mod:`vdot_ext.patches.tasks` from the rendered video (as uint8 RGB,
+what a manifest's mp4 gives) — the same builders, VACE conventions and options
+as :class:`~vdot_ext.patches.vcu_dataset.VCUManifestDataset` (docs/DESIGN.md
+§10). Any task derivable without a model works; the demo's names are aliases:
 
-==================  ==================================  ===============================
-task                frames F                             masks M (1 = generate)
-==================  ==================================  ===============================
-``t2v``             grey (0) × n                         1 × n
-``r2v``             ref r (object on grey), grey × n     ref: 0 (prepended), then 1 × n
-``v2v_gray``        BT.601 luma of the video, 3 ch       1 × n
-``mv2v_outpaint``   video with a grey border             1 on the border, 0 in the centre
-==================  ==================================  ===============================
+==================  ===============  =============================================
+demo name           patches task     F / M (1 = generate)
+==================  ===============  =============================================
+``t2v``             ``t2v``          grey × n / 1 × n
+``r2v``             ``reference``    ref (object on white) prepended, grey × n /
+                                     ref 0, then 1 × n
+``v2v_gray``        ``grey``         VACE grey 0.114 R + 0.587 G + 0.299 B / 1 × n
+``mv2v_outpaint``   ``outpaint``     video, grey border (VACE ``expand_ratio``
+                                     0.25 on left and right) / 1 on the border
+==================  ===============  =============================================
 
 Encoded tensors (text context, VAE latents of the real video — with the
-reference latent prepended for r2v — and the 96-channel ``vace_context``) are
-cached in ``cache_dir`` under a key hashing the pixel/caption configuration and
-the sha256 of both codec checkpoints. A matching cache is reused; otherwise the
-dataset encodes and logs why (``no cache file``); a cache file whose stored key
-disagrees with its name raises.
+reference latents prepended for reference tasks — and the 96-channel
+``vace_context``) are cached in ``cache_dir`` under a key hashing the
+pixel/caption configuration, the condition version
+(``patches.tasks.CONDITION_VERSION``) and the sha256 of both codec checkpoints.
+A matching cache is reused; otherwise the dataset encodes and logs why (``no
+cache file``); a cache file whose stored key disagrees with its name, or that
+holds NaN/Inf, raises naming the file. Cache and index files are written
+atomically (docs/DESIGN.md §8).
 """
 import hashlib
 import json
@@ -36,7 +44,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vdot_ext.patches import tasks as vcu_tasks
 from vdot_ext.registry import DATASETS, FUNCTIONS
+from vdot_ext.utils import NonFiniteError, atomic_write, nonfinite_names, safe_torch_load, save_torch, write_json
 
 
 def _default_logger() -> logging.Logger:
@@ -44,10 +54,16 @@ def _default_logger() -> logging.Logger:
     from mmengine.logging import MMLogger
     return MMLogger.get_current_instance()
 
-# bump when the renderer or the VCU layout changes: invalidates caches
-GENERATOR_VERSION = 1
 
-TASKS = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
+# bump when the video renderer changes: retrains the tiny VAE, invalidates caches
+GENERATOR_VERSION = 1
+# bump when the dataset's pixels change for the same renderer (2: references on
+# white, VCUs built by patches.tasks from uint8 frames); invalidates caches only
+DATASET_VERSION = 2
+
+# the demo's task names (aliases of patches tasks, see the module table)
+DEMO_TASKS = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
+TASKS = DEMO_TASKS
 
 # RGB in [0, 1]
 COLOURS = {
@@ -64,9 +80,6 @@ SHAPES = ('circle', 'square', 'triangle', 'diamond')
 TEXTURES = ('plain', 'striped', 'checkered')
 DIRECTIONS = {'left': (-1.0, 0.0), 'right': (1.0, 0.0), 'up': (0.0, -1.0), 'down': (0.0, 1.0)}
 BACKGROUNDS = ('plain', 'gradient')
-
-# BT.601 luma weights (ITU-R BT.601), shared with condition_fidelity
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def caption_vocabulary() -> List[str]:
@@ -148,7 +161,9 @@ def _object_layer(scene: dict, dx: np.ndarray, dy: np.ndarray, radius: float, pe
 def render_scene(scene: dict, num_frames: int, height: int, width: int):
     """Render (video [3, T, H, W], reference [3, 1, H, W]) in [-1, 1] (float32).
 
-    The reference is the object, centred, on grey 0 (VACE's "missing" value).
+    The reference is the object, centred, on white (1.0): VACE's reference
+    convention (``vace/annotators/subject.py`` puts the subject on white 255,
+    ``prepare_source`` pads references with white).
     """
     size = min(height, width)
     radius = scene['size'] * size
@@ -176,51 +191,49 @@ def render_scene(scene: dict, num_frames: int, height: int, width: int):
         alpha, rgb = _object_layer(scene, xs - cx, ys - cy, radius, period)
         frames[t] = background * (1 - alpha[..., None]) + rgb * alpha[..., None]
     alpha, rgb = _object_layer(scene, xs - width / 2, ys - height / 2, radius, period)
-    ref = rgb * 2 - 1
-    ref = ref * alpha[..., None]  # blend with grey 0
+    ref = rgb * alpha[..., None] + (1 - alpha[..., None])  # blend with white
+    ref = ref * 2 - 1
     video = torch.from_numpy(frames * 2 - 1).float().permute(3, 0, 1, 2).contiguous()
     reference = torch.from_numpy(ref).float().permute(2, 0, 1)[:, None].contiguous()
     return video, reference
 
 
-def to_luma(video: torch.Tensor) -> torch.Tensor:
-    """BT.601 luma Y' = 0.299 R + 0.587 G + 0.114 B of [3, ...] pixels, as [1, ...].
+def check_synthetic_task(task: str) -> str:
+    """The patches task of ``task`` (a task name or alias, e.g. the demo's
+    ``'v2v_gray'``), or ``ValueError`` when a rendered video cannot provide it:
+    depth/pose controls come from a model, inpainting from a mask or box."""
+    try:
+        canonical, _ = vcu_tasks.resolve_task(task)
+    except KeyError as exc:
+        raise ValueError(f'SyntheticVideoDataset.tasks: {exc.args[0]}') from None
+    spec = vcu_tasks.TASKS[canonical]
+    if spec.control in vcu_tasks.MODEL_MADE_CONTROLS or canonical == 'inpaint':
+        need = 'a mask or box' if canonical == 'inpaint' else f'a {spec.control} model'
+        raise ValueError(f'SyntheticVideoDataset.tasks: task {task!r} ({canonical}) needs {need}, '
+                         'which synthetic videos do not have; use a manifest '
+                         '(VCUManifestDataset) for it')
+    return canonical
 
-    The weights sum to 1, so the same formula holds on [-1, 1] and [0, 1] values.
+
+def vcu_pixels(task: str, video: torch.Tensor, reference: torch.Tensor,
+               options: Optional[dict] = None, sample_id: str = 'synthetic',
+               rng: Optional[np.random.Generator] = None) -> dict:
+    """The VCU of a rendered sample, built by :func:`vdot_ext.patches.tasks.build_vcu`.
+
+    ``video [3, T, H, W]`` and ``reference [3, 1, H, W]`` in [-1, 1] are first
+    rounded to uint8 (what a decoded mp4/png gives). Returns ``video`` (the
+    rounded video), ``frames [3, T, H, W]``, ``masks [1, T, H, W]``,
+    ``ref_images [3, n_ref, H, W]`` or None (pixels in [-1, 1]), the patches
+    ``canonical_task`` and the builder's ``info``.
     """
-    w = torch.tensor(LUMA_WEIGHTS, dtype=video.dtype, device=video.device)
-    return torch.einsum('c...,c->...', video, w).unsqueeze(0)
-
-
-def outpaint_mask(num_frames: int, height: int, width: int, ratio: float) -> torch.Tensor:
-    """[1, T, H, W]: 1 on a border of round(ratio·H/2) rows and round(ratio·W/2)
-    columns per side (the region to generate), 0 in the kept centre."""
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f'outpaint_ratio must be in (0, 1), got {ratio}')
-    bh, bw = int(round(ratio * height / 2)), int(round(ratio * width / 2))
-    if bh < 1 or bw < 1:
-        raise ValueError(f'outpaint_ratio={ratio} gives an empty border at {height}×{width}')
-    mask = torch.ones(1, num_frames, height, width)
-    mask[:, :, bh:height - bh, bw:width - bw] = 0.0
-    return mask
-
-
-def build_vcu(task: str, video: torch.Tensor, reference: torch.Tensor,
-              outpaint_ratio: float = 0.25) -> dict:
-    """Frames/masks/references of one sample per Table 1 (pixels in [-1, 1])."""
-    _, t, h, w = video.shape
-    if task == 't2v':
-        return dict(frames=torch.zeros_like(video), masks=torch.ones(1, t, h, w), ref_images=None)
-    if task == 'r2v':
-        return dict(frames=torch.zeros_like(video), masks=torch.ones(1, t, h, w),
-                    ref_images=reference.clone())
-    if task == 'v2v_gray':
-        return dict(frames=to_luma(video).expand(3, -1, -1, -1).contiguous(),
-                    masks=torch.ones(1, t, h, w), ref_images=None)
-    if task == 'mv2v_outpaint':
-        mask = outpaint_mask(t, h, w, outpaint_ratio)
-        return dict(frames=video * (1 - mask), masks=mask, ref_images=None)
-    raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+    from vdot_ext.data.video_io import image_to_uint8, video_to_uint8
+    canonical = check_synthetic_task(task)
+    spec = vcu_tasks.TASKS[canonical]
+    refs = [image_to_uint8(reference)] if spec.uses_refs else None
+    source = vcu_tasks.SourceSample(str(sample_id), video_to_uint8(video), ref_images=refs, rng=rng)
+    p = vcu_tasks.build_vcu(task, source, options)
+    return dict(video=p.video_tensor(), frames=p.frames_tensor(), masks=p.masks_tensor(),
+                ref_images=p.ref_images, canonical_task=canonical, info=p.info)
 
 
 def render_training_videos(num_videos: int, num_frames: int = 17, height: int = 64, width: int = 64,
@@ -234,20 +247,28 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def _jsonable(options: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+
+
 @DATASETS.register_module()
 class SyntheticVideoDataset(Dataset):
     """Procedural VCU dataset, encoded with the tiny codecs (see module doc).
 
     Args:
         num_samples: number of samples.
-        tasks: task cycle; sample i has task ``tasks[i % len(tasks)]``.
+        tasks: task cycle; sample i has task ``tasks[i % len(tasks)]``. Any
+            :mod:`vdot_ext.patches.tasks` name or alias a rendered video can
+            provide (not depth/pose/inpaint); the demo's names are aliases.
         num_frames, height, width: pixel geometry (4k+1 frames, multiples of 16).
-        seed: generator seed (samples are deterministic per (seed, index)).
+        seed: generator seed (samples are deterministic per (seed, index),
+            including the per-sample draws of random extension modes).
         data_root: mp4 videos and png references are written under
             ``data_root/videos/<config-hash>/`` and ``data_root/references/<config-hash>/``.
         vae_checkpoint, text_encoder_checkpoint: ``TinyWanVAE`` / ``TinyTextEncoder``
             checkpoints (see :func:`prepare_tiny_codecs`).
-        outpaint_ratio: border per side = ratio·size/2 for ``mv2v_outpaint``.
+        task_options: task options (``patches.tasks.DEFAULT_OPTIONS``, VACE's
+            names: ``expand_ratio``, ``direction``, ``extension_mode``, ...).
         with_vace_context: False for the T2V-only stage 1 (no ``vace_context``).
         cache_dir: where encoded tensors are cached (default ``data_root/cache``).
         write_files: write mp4/png files (missing ones only).
@@ -256,7 +277,9 @@ class SyntheticVideoDataset(Dataset):
 
     ``__getitem__`` returns ``dict(prompt, task, context [L, text_dim],
     latents [16, n_ref + F_lat, h, w], vace_context [96, n_ref + F_lat, h, w]
-    (if enabled), num_ref, index)``.
+    (if enabled), num_ref, index, sample_id)``; ``task`` is the name as
+    configured, ``sample_id`` is ``'<config-hash>/<index>'`` (the mp4's path
+    under ``data_root/videos``).
     """
 
     def __init__(self,
@@ -264,12 +287,12 @@ class SyntheticVideoDataset(Dataset):
                  vae_checkpoint: str,
                  text_encoder_checkpoint: str,
                  data_root: str,
-                 tasks: Sequence[str] = TASKS,
+                 tasks: Sequence[str] = DEMO_TASKS,
                  num_frames: int = 17,
                  height: int = 64,
                  width: int = 64,
                  seed: int = 0,
-                 outpaint_ratio: float = 0.25,
+                 task_options: Optional[dict] = None,
                  with_vace_context: bool = True,
                  cache_dir: Optional[str] = None,
                  write_files: bool = True,
@@ -281,10 +304,7 @@ class SyntheticVideoDataset(Dataset):
         tasks = tuple(tasks)
         if not tasks:
             raise ValueError('SyntheticVideoDataset.tasks: empty')
-        for task in tasks:
-            if task not in TASKS:
-                raise ValueError(f'SyntheticVideoDataset.tasks: unknown task {task!r}, '
-                                 f'expected a subset of {TASKS}')
+        self.canonical_tasks = {task: check_synthetic_task(task) for task in tasks}
         if int(num_samples) < 1:
             raise ValueError(f'SyntheticVideoDataset.num_samples must be ≥ 1, got {num_samples}')
         if (num_frames - 1) % 4 != 0:
@@ -292,8 +312,10 @@ class SyntheticVideoDataset(Dataset):
         if height % 16 or width % 16:
             raise ValueError(f'SyntheticVideoDataset.height/width={height}/{width}: '
                              'must be multiples of 16')
-        if 'mv2v_outpaint' in tasks:
-            outpaint_mask(1, height, width, outpaint_ratio)  # validates the ratio
+        try:
+            self.task_options = vcu_tasks.merge_options(task_options)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f'SyntheticVideoDataset.task_options: {exc}') from None
         for name, path in (('vae_checkpoint', vae_checkpoint),
                            ('text_encoder_checkpoint', text_encoder_checkpoint)):
             if not path or not os.path.isfile(path):
@@ -303,7 +325,6 @@ class SyntheticVideoDataset(Dataset):
         self.tasks = tasks
         self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
         self.seed = int(seed)
-        self.outpaint_ratio = float(outpaint_ratio)
         self.with_vace_context = bool(with_vace_context)
         self.vae_checkpoint = vae_checkpoint
         self.text_encoder_checkpoint = text_encoder_checkpoint
@@ -313,10 +334,11 @@ class SyntheticVideoDataset(Dataset):
         self.fps = int(fps)
         self.num_encoded = 0  # samples encoded by this instance (0 on a cache hit)
 
-        self.pixel_config = dict(generator_version=GENERATOR_VERSION, num_samples=self.num_samples,
-                                 tasks=list(self.tasks), num_frames=self.num_frames,
-                                 height=self.height, width=self.width, seed=self.seed,
-                                 outpaint_ratio=self.outpaint_ratio)
+        self.pixel_config = dict(generator_version=GENERATOR_VERSION, dataset_version=DATASET_VERSION,
+                                 condition_version=vcu_tasks.CONDITION_VERSION,
+                                 num_samples=self.num_samples, tasks=list(self.tasks),
+                                 num_frames=self.num_frames, height=self.height, width=self.width,
+                                 seed=self.seed, task_options=_jsonable(self.task_options))
         self.pixel_key = _hash(self.pixel_config)[:12]
         from vdot_ext.models.tiny_codecs import file_sha256
         self.cache_config = dict(self.pixel_config, with_vace_context=self.with_vace_context,
@@ -327,9 +349,18 @@ class SyntheticVideoDataset(Dataset):
 
         self.prompts = [scene_caption(sample_scene(self.seed, i)) for i in range(self.num_samples)]
         self.sample_tasks = [self.tasks[i % len(self.tasks)] for i in range(self.num_samples)]
+        self._check_render_once()
         self._encoded = self._load_or_encode()
         if write_files:
             self.write_files()
+
+    def _check_render_once(self) -> None:
+        """Build each task's VCU for its first sample: a task or option that cannot
+        be built fails here, before any encoding."""
+        for task in self.tasks:
+            index = self.sample_tasks.index(task) if task in self.sample_tasks else None
+            if index is not None:
+                self.get_pixels(index)
 
     # -- pixels ------------------------------------------------------------
     def __len__(self) -> int:
@@ -346,17 +377,25 @@ class SyntheticVideoDataset(Dataset):
             raise IndexError(f'SyntheticVideoDataset: index {index} out of range [0, {self.num_samples})')
         return index
 
+    def sample_id(self, index: int) -> str:
+        """``'<config-hash>/<index>'``: the sample's mp4 is ``data_root/videos/<sample_id>.mp4``."""
+        return f'{self.pixel_key}/{self._check_index(index):05d}'
+
     def get_pixels(self, index: int) -> Dict[str, object]:
         """Pixel data of sample ``index`` (regenerated, deterministic):
-        ``video [3, T, H, W]`` (the real video), ``frames [3, T, H, W]``,
-        ``masks [1, T, H, W]``, ``ref_images [3, n_ref, H, W]`` or None, plus
-        ``prompt``, ``task``; all pixels in [-1, 1]."""
+        ``video [3, T, H, W]`` (the real video, rounded to uint8 levels),
+        ``frames [3, T, H, W]``, ``masks [1, T, H, W]``, ``ref_images
+        [3, n_ref, H, W]`` or None, plus ``prompt``, ``task`` (as configured),
+        ``canonical_task``, ``scene``, ``sample_id`` and ``info`` (e.g. the
+        extension mode drawn); all pixels in [-1, 1]."""
         index = self._check_index(index)
         scene = sample_scene(self.seed, index)
         video, reference = render_scene(scene, self.num_frames, self.height, self.width)
         task = self.sample_tasks[index]
-        vcu = build_vcu(task, video, reference, self.outpaint_ratio)
-        return dict(video=video, prompt=self.prompts[index], task=task, scene=scene, **vcu)
+        rng = np.random.default_rng([self.seed, index, 104729])  # per-sample task draws
+        vcu = vcu_pixels(task, video, reference, self.task_options, self.sample_id(index), rng)
+        return dict(prompt=self.prompts[index], task=task, scene=scene,
+                    sample_id=self.sample_id(index), **vcu)
 
     def video_path(self, index: int) -> str:
         return os.path.join(self.data_root, 'videos', self.pixel_key, f'{index:05d}.mp4')
@@ -364,45 +403,65 @@ class SyntheticVideoDataset(Dataset):
     def reference_path(self, index: int) -> str:
         return os.path.join(self.data_root, 'references', self.pixel_key, f'{index:05d}.png')
 
+    def _uses_refs(self, index: int) -> bool:
+        return vcu_tasks.TASKS[self.canonical_tasks[self.sample_tasks[index]]].uses_refs
+
     def write_files(self) -> None:
-        """Write missing mp4s (real videos), pngs (r2v references) and an index.jsonl."""
+        """Write missing mp4s (real videos), pngs (references) and an index.jsonl."""
         from vdot_ext.data.video_io import write_mp4, write_png
         records = []
         for index in range(self.num_samples):
             video_path, ref_path = self.video_path(index), self.reference_path(index)
-            need_ref = self.sample_tasks[index] == 'r2v'
+            need_ref = self._uses_refs(index)
             pixels = None
             if not os.path.isfile(video_path) or (need_ref and not os.path.isfile(ref_path)):
                 pixels = self.get_pixels(index)
                 write_mp4(video_path, pixels['video'], fps=self.fps)
                 if need_ref:
                     write_png(ref_path, pixels['ref_images'][:, :1])
-            records.append(dict(index=index, task=self.sample_tasks[index], prompt=self.prompts[index],
+            records.append(dict(index=index, sample_id=self.sample_id(index),
+                                task=self.sample_tasks[index], prompt=self.prompts[index],
                                 video=os.path.relpath(video_path, self.data_root),
                                 reference=os.path.relpath(ref_path, self.data_root) if need_ref else None))
         index_path = os.path.join(self.data_root, 'videos', self.pixel_key, 'index.jsonl')
-        with open(index_path, 'w') as handle:
+        with atomic_write(index_path, 'w') as handle:
             handle.write(json.dumps(dict(config=self.pixel_config)) + '\n')
             for record in records:
                 handle.write(json.dumps(record) + '\n')
 
     # -- encoded tensors ---------------------------------------------------
+    @staticmethod
+    def _tensors(payload: dict) -> Dict[str, torch.Tensor]:
+        """The cache's tensors by name (``latents.3``, ``vace_context.0``, ...)."""
+        out = {'context': payload['context']}
+        for name in ('latents', 'vace_context'):
+            for i, tensor in enumerate(payload.get(name) or []):
+                out[f'{name}.{i}'] = tensor
+        return out
+
+    def _check_finite(self, payload: dict, what: str) -> None:
+        bad = nonfinite_names(self._tensors(payload))
+        if bad:
+            more = f' (+{len(bad) - 8} more)' if len(bad) > 8 else ''
+            raise NonFiniteError(f'{self.cache_path}: {what} hold NaN/Inf in {bad[:8]}{more}; '
+                                 'delete the file to re-encode, and check the codec checkpoints')
+
     def _load_or_encode(self) -> dict:
         if os.path.isfile(self.cache_path):
-            payload = torch.load(self.cache_path, map_location='cpu', weights_only=True)
-            if payload.get('cache_key') != self.cache_key:
-                raise ValueError(f'{self.cache_path}: stored cache key {payload.get("cache_key")!r} '
+            payload = safe_torch_load(self.cache_path, field='SyntheticVideoDataset cache')
+            if not isinstance(payload, dict) or payload.get('cache_key') != self.cache_key:
+                stored = payload.get('cache_key') if isinstance(payload, dict) else None
+                raise ValueError(f'{self.cache_path}: stored cache key {stored!r} '
                                  f'does not match this configuration ({self.cache_key!r}); the file '
                                  'is stale or corrupt — delete it to re-encode')
+            self._check_finite(payload, 'the cached tensors')
             self.logger.info(f'SyntheticVideoDataset: reusing encoded cache {self.cache_path}')
             return payload
         self.logger.info(f'SyntheticVideoDataset: no cache file {self.cache_path} for this '
                          f'configuration/codec checkpoints; encoding {self.num_samples} samples')
         payload = self._encode_all()
-        os.makedirs(self.cache_dir, exist_ok=True)
-        tmp = self.cache_path + f'.tmp{os.getpid()}'
-        torch.save(payload, tmp)
-        os.replace(tmp, self.cache_path)  # atomic: no half-written cache
+        self._check_finite(payload, 'the freshly encoded tensors (not written)')
+        save_torch(payload, self.cache_path)  # atomic: no half-written cache
         return payload
 
     @torch.no_grad()
@@ -456,7 +515,7 @@ class SyntheticVideoDataset(Dataset):
         enc = self._encoded
         item = dict(prompt=self.prompts[index], task=self.sample_tasks[index],
                     context=enc['context'][index], latents=enc['latents'][index],
-                    num_ref=int(enc['num_ref'][index]), index=index)
+                    num_ref=int(enc['num_ref'][index]), index=index, sample_id=self.sample_id(index))
         if self.with_vace_context:
             item['vace_context'] = enc['vace_context'][index]
         return item
@@ -465,7 +524,7 @@ class SyntheticVideoDataset(Dataset):
 def _codec_config_matches(path: str, kind: str, expected: dict) -> bool:
     if not os.path.isfile(path):
         return False
-    payload = torch.load(path, map_location='cpu', weights_only=True)
+    payload = safe_torch_load(path, field=f'tiny {kind} codec')
     stored = payload.get('extra', {}).get('prepare_config') if kind == 'vae' else payload.get('config')
     return stored == expected
 
@@ -544,7 +603,6 @@ def prepare_tiny_codecs(work_dir: str,
     else:
         logger.info(f'prepare_tiny_codecs: building the tiny text encoder {text_path}')
         TinyTextEncoder(vocabulary=caption_vocabulary(), **text_cfg).save(text_path)
-    with open(metrics_path, 'w') as handle:
-        json.dump(metrics, handle, indent=1)
+    write_json(metrics_path, metrics, indent=1)
     return dict(vae_checkpoint=vae_path, text_encoder_checkpoint=text_path,
                 text_dim=int(text_cfg['dim']), metrics=metrics)
