@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from vdot_ext.registry import MODELS
+from vdot_ext.utils import NonFiniteError
 
 
 def _inputs(seed=0, shape=(2, 16, 3, 4, 4)):
@@ -37,7 +38,7 @@ def test_dmd_sign_moves_x_towards_teacher():
     assert cos > 0.999
 
 
-def test_dmd_sigma_option_and_nan_guard():
+def test_dmd_sigma_option():
     x, fake, real = _inputs(2)
     t = torch.tensor([250.0, 750.0])
     loss_fn = MODELS.build(dict(type='DMDLoss', normalize='none', scale_by_sigma=True))
@@ -46,11 +47,42 @@ def test_dmd_sigma_option_and_nan_guard():
     torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match='timestep'):
         loss_fn(x, fake, real)
-    fake_nan = fake.clone()
-    fake_nan[0, 0, 0, 0, 0] = float('nan')
-    assert torch.isfinite(MODELS.build(dict(type='DMDLoss'))(x, fake_nan, real))
     with pytest.raises(ValueError, match='normalize'):
         MODELS.build(dict(type='DMDLoss', normalize='l3'))
+
+
+@pytest.mark.parametrize('normalize', ['mean_abs', 'none'])
+@pytest.mark.parametrize('bad_input', ['x', 'pred_fake_x0', 'pred_real_x0'])
+def test_dmd_nonfinite_input_is_an_error_not_a_zero_gradient(normalize, bad_input):
+    """The public code's nan_to_num zeroes a NaN gradient silently; ours names the input and
+    the batch row (docs/DESIGN.md §11), so the training step skips the batch."""
+    x, fake, real = _inputs(3)
+    inputs = dict(x=x.detach().clone(), pred_fake_x0=fake, pred_real_x0=real)
+    inputs[bad_input] = inputs[bad_input].clone()
+    inputs[bad_input][1, 0, 0, 0, 0] = float('nan')
+    inputs['x'].requires_grad_(True)
+    loss_fn = MODELS.build(dict(type='DMDLoss', normalize=normalize))
+    with pytest.raises(NonFiniteError, match=rf'{bad_input} in batch rows \[1\]'):
+        loss_fn(**inputs)
+    # an overflow from finite inputs is an error too
+    huge = dict(x=x.float(), pred_fake_x0=fake.float() * 1e30, pred_real_x0=-real.float() * 1e30)
+    with pytest.raises(NonFiniteError, match='overflow'):
+        MODELS.build(dict(type='DMDLoss', normalize='none'))(**huge)
+
+
+def test_denoising_and_gan_losses_reject_nonfinite_inputs():
+    g = torch.Generator().manual_seed(4)
+    v, x0, eps = (torch.randn(2, 16, 2, 4, 4, generator=g) for _ in range(3))
+    x0[1, 0, 0, 0, 0] = float('inf')
+    with pytest.raises(NonFiniteError, match=r'x0 in batch rows \[1\]'):
+        MODELS.build(dict(type='DenoisingLoss'))(v, x0, eps)
+    gan = MODELS.build(dict(type='RelativisticGANLoss'))
+    # softplus(−∞) = 0: without the check an infinite logit gives a finite, silent loss
+    d_fake, d_real = torch.tensor([float('inf'), 0.0]), torch.tensor([0.0, 1.0])
+    with pytest.raises(NonFiniteError, match=r'logits_fake in batch rows \[0\]'):
+        gan(d_fake, d_real, 'generator')
+    with pytest.raises(NonFiniteError, match='logits_real'):
+        gan(d_real, torch.tensor([float('nan'), 0.0]), 'discriminator')
 
 
 def test_denoising_loss_is_velocity_mse():

@@ -88,6 +88,7 @@ def test_schedule_trace_and_which_roles_change():
         assert changed(model.discriminator, disc) == (plan.critic == 'gan'), k
         # every loss term computed is logged
         expected = {'loss_critic_denoise'} if plan.critic == 'denoise' else {'loss_critic_gan'}
+        expected |= {'nonfinite_skips_generator', 'nonfinite_skips_critic'}   # 0: all finite
         if plan.generator == 'dm':
             expected |= {'loss_gen_otd', 'loss_gen_dmd', 'otd_iters', 'otd_row_err',
                          'otd_col_err', 'dmd_grad_norm'}
@@ -95,6 +96,7 @@ def test_schedule_trace_and_which_roles_change():
             expected |= {'loss_gen_gan'}
         assert expected <= set(log), (k, sorted(log))
         assert all(torch.isfinite(torch.as_tensor(v)).all() for v in log.values())
+        assert float(log['nonfinite_skips_generator']) == float(log['nonfinite_skips_critic']) == 0
     assert not changed(model.real_score, teacher)
     assert int(model.iteration) == 11
     # nothing is left requiring grad between steps

@@ -4,17 +4,28 @@ import torch.nn as nn
 
 from vdot_ext.registry import MODELS
 
-from .utils import per_sample_mean, surrogate_loss
+from .utils import per_sample_mean, raise_nonfinite, surrogate_loss
 
 
 @MODELS.register_module()
 class DMDLoss(nn.Module):
     """Reverse-KL gradient as a regression target (DESIGN.md §5).
 
-    ``grad = x0_fake − x0_real``  (≈ s_real − s_fake up to the noise scale)
+    ``grad = x0_fake − x0_real``  (= σ²/(1 − σ) · (s_fake − s_real), see below)
     ``grad ← grad / mean|x − x0_real|``  per sample   (normalize='mean_abs')
     ``grad ← grad · σ``                                (scale_by_sigma=True, public VDOT code)
     ``L = 0.5 · mean((x − sg(x − grad))²)``  so that ∂L/∂x = grad / numel.
+
+    The sign: with x_t = (1 − σ)·x0 + σ·ε the score of a denoiser with x0
+    prediction x̂0 is s(x_t) = −(x_t − (1 − σ)·x̂0)/σ², so
+    s_fake − s_real = (1 − σ)/σ² · (x0_fake − x0_real). ``grad`` is the reverse-KL
+    gradient s_fake − s_real (DMD, Yin et al. 2024, eq. 7) up to a positive factor;
+    descending it moves x towards the teacher (real score).
+
+    Non-finite inputs are an error (docs/DESIGN.md §11): the public code's
+    ``nan_to_num`` would zero a NaN gradient silently. A NaN/Inf in any input,
+    or an overflow, raises :class:`~vdot_ext.utils.NonFiniteError` naming the
+    inputs and batch rows, so that the training step skips the batch.
 
     Args:
         normalize: 'mean_abs' (Self-Forcing / DMD2 normaliser) or 'none'.
@@ -37,7 +48,8 @@ class DMDLoss(nn.Module):
 
     @torch.no_grad()
     def dmd_gradient(self, x, pred_fake_x0, pred_real_x0, t=None):
-        """The DMD gradient in x0 space (float32, no graph)."""
+        """The DMD gradient in x0 space (float32, no graph); raises
+        ``NonFiniteError`` if it is not finite."""
         x = x.detach().float()
         pred_real_x0 = pred_real_x0.detach().float()
         grad = pred_fake_x0.detach().float() - pred_real_x0
@@ -48,9 +60,18 @@ class DMDLoss(nn.Module):
                 raise ValueError('DMDLoss(scale_by_sigma=True) needs the timestep t')
             sigma = torch.as_tensor(t, dtype=torch.float32, device=x.device) / 1000.0
             grad = grad * sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        return torch.nan_to_num(grad)
+        norm = grad.norm()
+        if not bool(torch.isfinite(norm)):
+            raise_nonfinite('DMDLoss', 'the DMD gradient', x=x, pred_fake_x0=pred_fake_x0,
+                            pred_real_x0=pred_real_x0, t=t)
+        self.last_stats = {'dmd_grad_norm': float(norm)}
+        return grad
 
     def forward(self, x, pred_fake_x0, pred_real_x0, t=None):
         grad = self.dmd_gradient(x, pred_fake_x0, pred_real_x0, t)
-        self.last_stats = {'dmd_grad_norm': grad.norm().item()}
-        return self.loss_weight * surrogate_loss(x, grad, reduction='mean')
+        loss = self.loss_weight * surrogate_loss(x, grad, reduction='mean')
+        if not bool(torch.isfinite(loss)):
+            # x itself is not finite (normalize='none' does not read it in grad)
+            raise_nonfinite('DMDLoss', 'the loss', x=x, pred_fake_x0=pred_fake_x0,
+                            pred_real_x0=pred_real_x0, t=t)
+        return loss

@@ -7,6 +7,7 @@ from mmengine.model import BaseModel
 from vdot_ext.registry import MODELS
 
 from .flow_matching import add_noise, sample_timesteps, velocity_target
+from .guarded_step import NonFiniteGuard
 
 
 @MODELS.register_module()
@@ -25,6 +26,9 @@ class FlowMatchingPretrainer(BaseModel):
         timestep_shift: shift of the training timestep distribution (§4).
         text_drop_prob: probability of training on the zero (null) context.
         vace_drop_prob: probability of dropping ``vace_context`` for a batch.
+        max_consecutive_nonfinite: after this many skipped steps in a row
+            (non-finite loss or gradients; docs/DESIGN.md §11) training stops with
+            ``RuntimeError``.
     """
 
     TRAINABLE_ROLES = ('score', )
@@ -34,6 +38,7 @@ class FlowMatchingPretrainer(BaseModel):
                  timestep_shift: float = 3.0,
                  text_drop_prob: float = 0.1,
                  vace_drop_prob: float = 0.3,
+                 max_consecutive_nonfinite: int = 10,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
@@ -41,6 +46,9 @@ class FlowMatchingPretrainer(BaseModel):
         self.timestep_shift = timestep_shift
         self.text_drop_prob = text_drop_prob
         self.vace_drop_prob = vace_drop_prob
+        # skip counter (a buffer: it survives resume)
+        self.nonfinite_guard = NonFiniteGuard(self.TRAINABLE_ROLES, max_consecutive_nonfinite,
+                                              owner='FlowMatchingPretrainer')
 
     def trainable_roles(self):
         return {'score': [self.score]}
@@ -69,14 +77,23 @@ class FlowMatchingPretrainer(BaseModel):
         return {'loss_flow': (v.float() - velocity_target(x0, noise).float()).square().mean()}
 
     def train_step(self, data, optim_wrapper) -> Dict[str, torch.Tensor]:
+        """One guarded step (docs/DESIGN.md §11): a non-finite loss or gradient
+        skips the update. Returns the finite loss terms and
+        ``nonfinite_skips_score``."""
         data = self.data_preprocessor(data, True)
         wrapper = optim_wrapper['score'] if hasattr(optim_wrapper, 'keys') else optim_wrapper
-        with wrapper.optim_context(self):
-            losses = self.loss(data)
-        wrapper.update_params(sum(losses.values()))
-        return {k: v.detach() for k, v in losses.items()}
+        done = self.nonfinite_guard.step(
+            'score', wrapper, self, lambda: (self.loss(data), {}), data=data,
+            iteration=_runner_iteration(), named_modules=dict(score=self.score))
+        return {**done.losses, **self.nonfinite_guard.log_vars()}
 
     def forward(self, *args, mode='tensor', **kwargs):
         if mode != 'tensor':
             raise ValueError("FlowMatchingPretrainer.forward supports mode='tensor' only")
         return self.score(*args, **kwargs)
+
+
+def _runner_iteration():
+    """The runner's iteration (mmengine's message hub), or None outside a runner."""
+    from mmengine.logging import MessageHub
+    return MessageHub.get_current_instance().get_info('iter')

@@ -5,6 +5,10 @@ One class serves both stages; the config decides which objectives are on:
 * stage 1 (Wan T2V, captions only): DMD on the generator, denoising on the critic;
 * stage 2 (VACE, VCU data): ``0.8·OTD + 0.2·DMD`` / GAN, alternating (Algorithm 1
   of the VDOT paper) with the TTUR of DMD2 (generator every ``gen_every`` steps).
+
+Every role steps through :class:`~vdot_ext.models.guarded_step.NonFiniteGuard`: a step
+whose loss or gradients are not finite is skipped, counted and logged with the batch's
+sample ids (docs/DESIGN.md §11).
 """
 import copy
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from vdot_ext.registry import MODELS
 from .checkpoint_io import check_state_dict
 from .flow_matching import (add_noise, few_step_timesteps, sample_timesteps,
                             x0_from_velocity)
+from .guarded_step import NonFiniteGuard
 from .weights import load_weights
 
 
@@ -87,6 +92,10 @@ class VDOTDistiller(BaseModel):
         guidance_scale: teacher CFG ``v = v_u + w (v_c − v_u)``; 1 = no CFG.
         use_vace_context: feed ``vace_context`` from the data to all scores.
         seed: seeds the rollout's exit step (identical on all ranks).
+        max_consecutive_nonfinite: a role whose step is skipped this many times in a
+            row (non-finite loss or gradients) stops training with ``RuntimeError``.
+            Consecutive counts the role's own steps: the generator's are
+            ``gen_every`` iterations apart.
     """
 
     TRAINABLE_ROLES = ('generator', 'critic')
@@ -116,6 +125,7 @@ class VDOTDistiller(BaseModel):
                  guidance_scale: float = 1.0,
                  use_vace_context: bool = True,
                  seed: int = 0,
+                 max_consecutive_nonfinite: int = 10,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
@@ -186,6 +196,9 @@ class VDOTDistiller(BaseModel):
         # iteration counter: saved with the weights so a resumed run continues
         # the Algorithm-1 schedule where it stopped
         self.register_buffer('iteration', torch.zeros((), dtype=torch.long))
+        # skip counters per role: buffers too, so they survive resume
+        self.nonfinite_guard = NonFiniteGuard(self.TRAINABLE_ROLES, max_consecutive_nonfinite,
+                                              owner='VDOTDistiller')
         self.schedule_trace: List[StepPlan] = []
 
     # ------------------------------------------------------------------
@@ -196,6 +209,13 @@ class VDOTDistiller(BaseModel):
         if self.discriminator is not None:
             critic.append(self.discriminator)
         return {'generator': [self.generator], 'critic': critic}
+
+    def _critic_modules(self) -> Dict[str, nn.Module]:
+        """The critic's modules by attribute name (to name parameters in messages)."""
+        named = dict(fake_score=self.fake_score)
+        if self.discriminator is not None:
+            named['discriminator'] = self.discriminator
+        return named
 
     def frozen_roles(self) -> Dict[str, nn.Module]:
         return {'real_score': self.real_score}
@@ -375,7 +395,14 @@ class VDOTDistiller(BaseModel):
         """One iteration of Algorithm 1: maybe a generator step, then a critic step.
 
         ``optim_wrapper`` is an ``OptimWrapperDict`` with ``generator`` and
-        ``critic`` entries. Returns every loss term and OT statistic computed.
+        ``critic`` entries. Each step is guarded (docs/DESIGN.md §11): a non-finite
+        loss or gradient skips that role's update. Returns every finite loss term
+        and OT statistic computed, and ``nonfinite_skips_<role>`` (total skips).
+
+        The ``iteration`` counter advances on every call, skipped steps included:
+        the schedule and the exit step are functions of the number of batches
+        consumed, so a run with skips keeps the same plan as one without, and a
+        resumed run continues it exactly.
         """
         data = self.data_preprocessor(data, True)
         cond = self._conditions(data)
@@ -383,28 +410,30 @@ class VDOTDistiller(BaseModel):
         plan = self.plan(k)
         exit_step = self.exit_step(k)
         log: Dict[str, torch.Tensor] = {}
+        guard = self.nonfinite_guard
+        try:
+            if plan.generator is not None:
+                self._set_trainable('generator')
+                done = guard.step(
+                    'generator', optim_wrapper['generator'], self.generator,
+                    lambda: self.generator_losses(cond, plan.generator, exit_step),
+                    data=data, iteration=k, named_modules=dict(generator=self.generator))
+                log.update(done.losses)
+                log.update({k_: torch.tensor(float(v)) for k_, v in done.stats.items()})
+                log['gen_exit_step'] = torch.tensor(float(exit_step))
 
-        if plan.generator is not None:
-            self._set_trainable('generator')
-            wrapper = optim_wrapper['generator']
-            with wrapper.optim_context(self.generator):
-                losses, stats = self.generator_losses(cond, plan.generator, exit_step)
-            loss = sum(losses.values())
-            wrapper.update_params(loss)
-            log.update({k_: v.detach() for k_, v in losses.items()})
-            log.update({k_: torch.tensor(float(v)) for k_, v in stats.items()})
-            log['gen_exit_step'] = torch.tensor(float(exit_step))
-
-        self._set_trainable('critic')
-        wrapper = optim_wrapper['critic']
-        with wrapper.optim_context(self.fake_score):
-            losses = self.critic_losses(cond, plan.critic, exit_step)
-        wrapper.update_params(sum(losses.values()))
-        log.update({k_: v.detach() for k_, v in losses.items()})
-        self._set_trainable(None)
+            self._set_trainable('critic')
+            done = guard.step(
+                'critic', optim_wrapper['critic'], self.fake_score,
+                lambda: (self.critic_losses(cond, plan.critic, exit_step), {}),
+                data=data, iteration=k, named_modules=self._critic_modules())
+            log.update(done.losses)
+        finally:
+            self._set_trainable(None)
 
         self.schedule_trace.append(plan)
         self.iteration += 1
+        log.update(guard.log_vars())
         return log
 
     def forward(self, context, vace_context=None, latents=None, mode='tensor', **kwargs):
