@@ -256,8 +256,9 @@ def main(argv=None):
     results['speedup'] = results['cached'] / uncached_all
     results['speedup_collated'] = results['cached_collated'] / uncached_all
     print(f'  with the batch copy: {results["speedup_collated"]:.1f}× faster')
-    with open(os.path.join(args.work_dir, f'results_{args.src_height}x{args.src_width}_{args.resize_shrink}.json'), 'w') as h:
-        json.dump(results, h, indent=1)
+    from vdot_ext.utils import write_json
+    write_json(os.path.join(args.work_dir, f'results_{args.src_height}x{args.src_width}_{args.resize_shrink}.json'),
+               results, indent=1)
     return results
 
 

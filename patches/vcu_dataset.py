@@ -2,7 +2,8 @@
 
 Per sample (``__getitem__``) the trainer gets (``VDOTDistiller`` batch keys)::
 
-    prompt, task, num_ref, index, sample_id
+    prompt, task, num_ref, index
+    sample_id         '<id> (<manifest file> line <n>)': names the sample in logs
     context           [L, text_dim]                       text embedding (umT5 / tiny)
     latents           [16, n_ref + F_lat, H/8, W/8]       VAE latents of the ground-truth
                                                           video, reference latents prepended
@@ -14,31 +15,39 @@ with ``F_lat = (num_frames − 1)/4 + 1``. The pixels (``get_vcu``) come from
 
 Encoded tensors come from, in order:
 
-1. **the cache** (``cache_dir``), written by ``python -m vdot_ext.tools.precompute_vcu``
-   or by this dataset: ``<cache_dir>/<pixel-hash>_<codec-hash>/`` holds
-   ``config.json`` and one ``<sample-key>.safetensors`` per sample. The pixel
-   hash covers everything that changes F/M/refs/video (frames, size, sampling,
-   resize, task options, seed, data version), the codec hash the VAE and text
-   encoder (type + checkpoint fingerprint). A cache for another configuration
-   is never used; the error names the keys that differ. Every file is checked on
-   load (its stored hashes, tensor shapes, finite values).
-2. **the codecs** (``codec=dict(vae=..., text_encoder=..., device=...)``):
-   encode on the fly (and write the cache when ``cache_dir`` is set).
+1. **the cache** (``cache_dir``; :class:`~.vcu_cache.VCUCache`), written by
+   ``python -m vdot_ext.tools.precompute_vcu`` or by this dataset. Its key covers
+   the pixel configuration (with ``data_version`` and the conditions'
+   ``CONDITION_VERSION``) and the codecs; a cache for another configuration is
+   never used, the error names the keys that differ and the command that
+   rebuilds it. Every file is checked on load (hashes, shapes, finite values).
+2. **the codecs** (``codec=dict(vae=..., text_encoder=..., device=...)``;
+   :class:`~.vcu_codecs.VCUCodecs`): encode on the fly (and write the cache
+   when ``cache_dir`` is set).
 
 With neither, construction fails with an error saying what to set.
 
-Bad samples (unreadable video, too few frames, mismatched mask/condition,
-missing references, unknown task, empty prompt, NaN in the cache) raise
-:class:`VCUInputError` naming sample, field and file. With ``on_error='skip'``
-they are skipped instead: counted in ``num_skipped``, logged once each (per
-process), and replaced by the next sample with the same ``shape_key``.
+Bad samples (docs/DESIGN.md §11): a bad manifest row (non-UTF-8 bytes, malformed
+JSON, non-finite numbers, a prompt that is not a string, missing files ...), an
+unreadable or short video, mismatched mask/condition, NaN in the cache or the
+encoder output. With ``on_error='raise'`` (default) each raises
+:class:`VCUInputError` naming sample, field and file. With ``on_error='skip'``:
+
+* bad manifest rows are dropped at construction, counted in ``num_skipped``,
+  listed in ``bad_samples``/``manifest_errors`` and summarised in one warning;
+* a sample that turns out bad when read is logged once (per process), counted,
+  and replaced, deterministically, by the next good sample of its shape group
+  (same ``shape_key``, manifest order, cyclic). When every sample of that group
+  is bad, by a good sample of the first other group (in manifest order) that has
+  one, the same group for every index of the dead group: the batches of
+  ``ShapeGroupedBatchSampler`` hold one group each, so they stay uniform in
+  shape and collate. Only a manifest whose every sample is bad raises.
+
+Counts live per process: DataLoader workers count their own skips.
 """
-import hashlib
-import json
 import logging
 import os
-import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,182 +55,27 @@ from torch.utils.data import Dataset
 
 from vdot_ext.registry import DATASETS
 
-from .manifest import ManifestRow, parse_manifest
+from . import tasks as vcu_tasks
+from .manifest import ManifestRow, parse_manifest, summarize_errors
 from .tasks import TASKS, SourceSample, VCUPixels, build_vcu, merge_options
+from .vcu_cache import (CACHE_DTYPES, REBUILD_TOOL, NonFiniteSampleError, VCUCache, first_nonfinite,
+                        pixel_hash, sample_key)
+from .vcu_codecs import TEXT_ENCODER_TYPES, VAE_TYPES, UMT5PromptEncoder, VCUCodecs, file_fingerprint
 from .video_reader import (RESIZE_MODES, SHRINK_INTERPOLATIONS, VCUInputError, open_video, read_image, read_mask,
                            read_video_frames, sample_frame_indices)
 
+# re-exported: configs, tools and user code import these from here
+__all__ = ['VCUManifestDataset', 'VCUCodecs', 'UMT5PromptEncoder', 'VCUCache', 'NonFiniteSampleError',
+           'VCUInputError', 'file_fingerprint', 'CACHE_DTYPES', 'VAE_TYPES', 'TEXT_ENCODER_TYPES',
+           'DATA_VERSION']
+
 logger = logging.getLogger(__name__)
 
-# bump when readers/builders change what pixels a configuration produces
+# bump when readers change what pixels a configuration produces (the condition
+# builders have their own version, tasks.CONDITION_VERSION; both are in the cache key)
 DATA_VERSION = 1
-VAE_TYPES = ('TinyWanVAE', 'WanVideoVAE')
-TEXT_ENCODER_TYPES = ('TinyTextEncoder', 'WanTextEncoder')
-CACHE_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
-    """size + sha256 of the first and last MiB (cheap for multi-GB checkpoints)."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, 'rb') as handle:
-        digest.update(handle.read(chunk))
-        if size > chunk:
-            handle.seek(max(chunk, size - chunk))
-            digest.update(handle.read(chunk))
-    return f'{size}:{digest.hexdigest()[:32]}'
-
-
-# ------------------------------------------------------------------ codecs
-class UMT5PromptEncoder:
-    """diffsynth ``WanTextEncoder`` (umT5-xxl) + ``HuggingfaceTokenizer`` from local
-    files, zeroing embeddings past each prompt's length (diffsynth
-    ``WanVideoUnit_PromptEmbedder.encode_prompt``, per row)."""
-
-    def __init__(self, checkpoint: str, tokenizer: str, seq_len: int = 512,
-                 device: str = 'cpu', dtype: torch.dtype = torch.bfloat16):
-        from diffsynth.core.loader.model import load_model
-        from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
-        if not tokenizer or not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f'codec.text_encoder.tokenizer: {tokenizer!r} is not a local '
-                                    'folder with the umT5 tokenizer (google/umt5-xxl files)')
-        self.model = load_model(WanTextEncoder, checkpoint, torch_dtype=dtype, device=device)
-        self.model.eval().requires_grad_(False)
-        self.tokenizer = HuggingfaceTokenizer(name=tokenizer, seq_len=seq_len, clean='whitespace')
-        self.device = device
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids, mask = self.tokenizer(list(prompts), return_mask=True, add_special_tokens=True)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        lengths = mask.gt(0).sum(dim=1).long()
-        emb = self.model(ids, mask)
-        for row, length in enumerate(lengths):
-            emb[row, length:] = 0
-        return emb.float().cpu()
-
-
-class VCUCodecs:
-    """Frozen VAE + text encoder, built from ``codec`` configs::
-
-        codec = dict(
-            vae=dict(type='TinyWanVAE', checkpoint='tiny_wan_vae.pth'),
-            # or dict(type='WanVideoVAE', checkpoint='Wan2.1_VAE.pth')
-            text_encoder=dict(type='TinyTextEncoder', checkpoint='tiny_text_encoder.pth'),
-            # or dict(type='WanTextEncoder', checkpoint='models_t5_umt5-xxl-enc-bf16.pth',
-            #         tokenizer='/ckpt/google/umt5-xxl', seq_len=512)
-            device='cpu')
-
-    The VAE runs in float32 (``encode_vcu`` feeds float32 pixels).
-    """
-
-    def __init__(self, vae: dict, text_encoder: dict, device: str = 'cpu'):
-        for name, cfg, types in (('vae', vae, VAE_TYPES),
-                                 ('text_encoder', text_encoder, TEXT_ENCODER_TYPES)):
-            if not isinstance(cfg, dict) or cfg.get('type') not in types:
-                raise ValueError(f'codec.{name}: expected dict(type=one of {types}, '
-                                 f'checkpoint=...), got {cfg!r}')
-            if not cfg.get('checkpoint') or not os.path.isfile(cfg['checkpoint']):
-                raise FileNotFoundError(f'codec.{name}.checkpoint: no file at '
-                                        f'{cfg.get("checkpoint")!r}')
-        self.device = device
-        self.vae_cfg, self.text_cfg = dict(vae), dict(text_encoder)
-        self.identity = dict(
-            vae=dict(self.vae_cfg, checkpoint=file_fingerprint(vae['checkpoint'])),
-            text_encoder=dict(self.text_cfg, checkpoint=file_fingerprint(text_encoder['checkpoint']),
-                              tokenizer=None))
-        self._vae = None
-        self._text = None
-
-    @property
-    def vae(self):
-        if self._vae is None:
-            cfg = self.vae_cfg
-            if cfg['type'] == 'TinyWanVAE':
-                from vdot_ext.models.tiny_codecs import TinyWanVAE
-                self._vae = TinyWanVAE.load(cfg['checkpoint']).to(self.device)
-            else:
-                from diffsynth.core.loader.model import load_model
-                from diffsynth.models.wan_video_vae import WanVideoVAE
-                from diffsynth.utils.state_dict_converters.wan_video_vae import \
-                    WanVideoVAEStateDictConverter
-                self._vae = load_model(WanVideoVAE, cfg['checkpoint'], torch_dtype=torch.float32,
-                                       device=self.device,
-                                       state_dict_converter=WanVideoVAEStateDictConverter)
-                self._vae.eval().requires_grad_(False)
-        return self._vae
-
-    @property
-    def text_encoder(self):
-        if self._text is None:
-            cfg = self.text_cfg
-            if cfg['type'] == 'TinyTextEncoder':
-                from vdot_ext.models.tiny_codecs import TinyTextEncoder
-                self._text = TinyTextEncoder.load(cfg['checkpoint'])
-            else:
-                self._text = UMT5PromptEncoder(cfg['checkpoint'], cfg.get('tokenizer'),
-                                               int(cfg.get('seq_len', 512)), self.device)
-        return self._text
-
-    def __getstate__(self):  # DataLoader workers rebuild the models lazily
-        state = dict(self.__dict__)
-        state['_vae'] = state['_text'] = None
-        return state
-
-    @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.text_encoder.encode(list(prompts)).float().cpu()
-
-    @torch.no_grad()
-    def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, T, H, W]`` → normalised latents ``[B, 16, F_lat, H/8, W/8]``
-        (diffsynth ``WanVideoVAE.encode``)."""
-        wan_vae = getattr(self.vae, 'wan_vae', self.vae)
-        return wan_vae.encode(videos.float(), device=self.device).float().cpu()
-
-    @torch.no_grad()
-    def encode(self, pixels: Sequence[VCUPixels], prompts: Sequence[str],
-               negative_prompts: Optional[Sequence[Optional[str]]] = None) -> List[Dict[str, torch.Tensor]]:
-        """Encode samples with the same ``num_ref`` in one batch."""
-        from .vcu import encode_vcu
-        if len({p.num_ref for p in pixels}) != 1:
-            raise ValueError('VCUCodecs.encode: a batch must share num_ref '
-                             f'(got {[p.num_ref for p in pixels]})')
-        # uint8 → float on the codec's device (the float clips are 4× larger)
-        dev = self.device
-        videos = torch.stack([p.video_tensor(dev) for p in pixels])
-        latents = self.encode_video(videos)
-        refs = None
-        if pixels[0].num_ref:
-            refs = torch.stack([p.ref_images for p in pixels]).to(dev)  # [B, 3, n_ref, H, W]
-            b, _, n, h, w = refs.shape
-            # each reference is its own 1-frame video, as in diffsynth's VACE unit
-            ref_lat = self.encode_video(refs.permute(0, 2, 1, 3, 4).reshape(b * n, 3, 1, h, w))
-            ref_lat = ref_lat.reshape(b, n, *ref_lat.shape[1:])[:, :, :, 0].permute(0, 2, 1, 3, 4)
-            latents = torch.cat([ref_lat, latents], dim=2)
-        frames = torch.stack([p.frames_tensor(dev) for p in pixels])
-        masks = torch.stack([p.masks_tensor(dev) for p in pixels])
-        vace = encode_vcu(self.vae, frames, masks, refs).float().cpu()
-        context = self.encode_text(prompts)
-        out = []
-        negative = None
-        if negative_prompts is not None and any(n is not None for n in negative_prompts):
-            if any(n is None for n in negative_prompts):
-                raise ValueError('VCUCodecs.encode: negative prompts must be all set or all None')
-            negative = self.encode_text(negative_prompts)
-        for k in range(len(pixels)):
-            item = dict(context=context[k], latents=latents[k], vace_context=vace[k])
-            if negative is not None:
-                item['negative_context'] = negative[k]
-            out.append(item)
-        return out
-
-
-# ------------------------------------------------------------------ dataset
 @DATASETS.register_module()
 class VCUManifestDataset(Dataset):
     """Multi-task VCU training data from a CSV/JSONL manifest (see module doc).
@@ -242,7 +96,7 @@ class VCUManifestDataset(Dataset):
             a row's own options win.
         negative_prompt: encoded as ``negative_context`` for every sample (a
             row's ``negative_prompt`` wins); None = none.
-        on_error: ``'raise'`` or ``'skip'`` bad samples.
+        on_error: ``'raise'`` or ``'skip'`` bad samples (see module doc).
         write_cache: write encoded samples to ``cache_dir`` when encoding.
         cache_dtype: storage dtype of cached tensors (returned as float32).
         seed: seeds per-sample random choices (random clip position).
@@ -309,116 +163,69 @@ class VCUManifestDataset(Dataset):
         self.seed = int(seed)
         self.decode_threads = int(decode_threads)
         self.pixels_only = bool(pixels_only)
-        self.bad_samples: Dict[str, str] = {}
+        self.bad_samples: Dict[str, str] = {}  # sample_id → why it was skipped
         self.num_skipped = 0
         self.num_encoded = 0
 
-        self.rows, manifest_errors = parse_manifest(self.manifest, check_files=check_files,
-                                                    skip_bad=on_error == 'skip')
-        for exc in manifest_errors:
-            self.bad_samples[getattr(exc, 'sample_id', None) or exc.sample or str(exc)] = str(exc)
-        self.num_skipped += len(manifest_errors)
+        self.rows, self.manifest_errors = parse_manifest(self.manifest, check_files=check_files,
+                                                         skip_bad=on_error == 'skip')
+        for exc in self.manifest_errors:
+            self.bad_samples[exc.sample or str(exc)] = str(exc)
+        self.num_skipped += len(self.manifest_errors)
         if not self.rows:
-            raise VCUInputError('no usable rows', field='manifest', path=self.manifest)
+            raise VCUInputError(f'no usable rows ({summarize_errors(self.manifest_errors)})',
+                                field='manifest', path=self.manifest)
 
         self.codecs = VCUCodecs(**codec) if codec is not None else None
         self.pixel_config = dict(
-            data_version=DATA_VERSION, num_frames=self.num_frames, height=self.height,
-            width=self.width, frame_stride=None if self.fps else self.frame_stride, fps=self.fps,
+            data_version=DATA_VERSION, condition_version=vcu_tasks.CONDITION_VERSION,
+            num_frames=self.num_frames, height=self.height, width=self.width,
+            frame_stride=None if self.fps else self.frame_stride, fps=self.fps,
             resize_mode=self.resize_mode, resize_shrink=self.resize_shrink, on_short=self.on_short,
             task_options={k: (list(v) if isinstance(v, tuple) else v)
                           for k, v in self.task_options.items()},
             negative_prompt=self.negative_prompt, seed=self.seed, cache_dtype=self.cache_dtype)
-        self.pixel_hash = _sha(self.pixel_config)[:16]
         self.cache_dir = None if cache_dir is None else os.path.abspath(cache_dir)
-        self.cache_subdir = self._resolve_cache_subdir()
+        self.cache = self._open_cache()
+        self.pixel_hash = pixel_hash(self.pixel_config)
         self._sample_keys: Dict[int, str] = {}
-        self._groups: Optional[Dict[int, List[int]]] = None
+        self._groups: Optional[Dict[object, List[int]]] = None
+        self._group_pos: Dict[int, int] = {}
         self._warned = set()
 
-    # ------------------------------------------------------------ cache dirs
-    def _resolve_cache_subdir(self) -> Optional[str]:
+    # ------------------------------------------------------------ cache
+    def _open_cache(self) -> Optional[VCUCache]:
         if self.pixels_only:
             return None
         if self.cache_dir is None:
             if self.codecs is None:
                 raise ValueError('VCUManifestDataset: neither cache_dir nor codec is set: set '
                                  'codec=dict(vae=..., text_encoder=...) to encode, or cache_dir to '
-                                 'a cache made by `python -m vdot_ext.tools.precompute_vcu`')
+                                 f'a cache made by `{REBUILD_TOOL}`')
             return None
-        if self.codecs is not None:
-            codec_hash = _sha(self.codecs.identity)[:8]
-            sub = os.path.join(self.cache_dir, f'{self.pixel_hash}_{codec_hash}')
-            self._check_config_file(sub)
-            return sub
-        candidates = []
-        if os.path.isdir(self.cache_dir):
-            candidates = sorted(d for d in os.listdir(self.cache_dir)
-                                if d.startswith(self.pixel_hash + '_')
-                                and os.path.isfile(os.path.join(self.cache_dir, d, 'config.json')))
-        if len(candidates) == 1:
-            sub = os.path.join(self.cache_dir, candidates[0])
-            stored = self._check_config_file(sub)
-            logger.info(f'VCUManifestDataset: using cache {sub} (codecs: '
-                        f'{json.dumps(stored.get("codec"), default=str)})')
-            return sub
-        if len(candidates) > 1:
-            raise ValueError(f'VCUManifestDataset: {self.cache_dir} holds caches of this pixel '
-                             f'configuration for several codecs ({candidates}); set codec=... to '
-                             'pick one')
-        raise ValueError(
-            f'VCUManifestDataset: no cache for this configuration in {self.cache_dir} and no codec '
-            f'configured. {self._describe_other_caches()}Run `python -m vdot_ext.tools.precompute_vcu '
-            f'{self.manifest} --cache-dir {self.cache_dir} ...` with the same settings, or set codec=...')
+        return VCUCache(self.cache_dir, self.pixel_config,
+                        self.codecs.identity if self.codecs else None, self.manifest)
 
-    def _describe_other_caches(self) -> str:
-        if not self.cache_dir or not os.path.isdir(self.cache_dir):
-            return ''
-        notes = []
-        for d in sorted(os.listdir(self.cache_dir)):
-            path = os.path.join(self.cache_dir, d, 'config.json')
-            if not os.path.isfile(path):
-                continue
-            with open(path) as handle:
-                other = json.load(handle).get('pixel_config', {})
-            diff = sorted(k for k in set(other) | set(self.pixel_config)
-                          if other.get(k) != self.pixel_config.get(k))
-            notes.append(f'{d} differs in {diff}')
-        return f'Caches there were built for other settings: {"; ".join(notes)}. ' if notes else ''
-
-    def _check_config_file(self, sub: str) -> dict:
-        path = os.path.join(sub, 'config.json')
-        if not os.path.isfile(path):
-            return {}
-        with open(path) as handle:
-            stored = json.load(handle)
-        if stored.get('pixel_config') != json.loads(json.dumps(self.pixel_config, default=str)):
-            raise ValueError(f'{path}: stored pixel configuration differs from this dataset\'s '
-                             '(corrupt or hand-edited cache); delete the folder to rebuild')
-        return stored
-
-    def _write_config_file(self) -> None:
-        os.makedirs(self.cache_subdir, exist_ok=True)
-        path = os.path.join(self.cache_subdir, 'config.json')
-        if os.path.isfile(path):
-            return
-        payload = dict(pixel_config=self.pixel_config,
-                       codec=self.codecs.identity if self.codecs else None,
-                       manifest=self.manifest, created=time.strftime('%Y-%m-%d %H:%M:%S'))
-        tmp = f'{path}.tmp{os.getpid()}'
-        with open(tmp, 'w') as handle:
-            json.dump(payload, handle, indent=1, default=str)
-        os.replace(tmp, path)
+    @property
+    def cache_subdir(self) -> Optional[str]:
+        """The cache folder of this configuration (None without a cache)."""
+        return None if self.cache is None else self.cache.folder
 
     def sample_key(self, index: int) -> str:
         if index not in self._sample_keys:
-            self._sample_keys[index] = _sha(self.rows[index].key_dict())[:24]
+            self._sample_keys[index] = sample_key(self.rows[index].key_dict())
         return self._sample_keys[index]
 
     def cache_path(self, index: int) -> Optional[str]:
-        if self.cache_subdir is None:
-            return None
-        return os.path.join(self.cache_subdir, f'{self.sample_key(index)}.safetensors')
+        return None if self.cache is None else self.cache.path(self.sample_key(index))
+
+    def skip_report(self) -> str:
+        """How many samples this process skipped so far, and why (first few)."""
+        if not self.bad_samples:
+            return 'VCUManifestDataset: no samples skipped'
+        first = ' | '.join(list(self.bad_samples.values())[:3])
+        return (f'VCUManifestDataset: {self.num_skipped} sample(s) skipped '
+                f'({len(self.manifest_errors)} at parsing); first: {first}')
 
     # ------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -428,10 +235,16 @@ class VCUManifestDataset(Dataset):
         """Number of reference frames (what changes the tensor shapes)."""
         return self.rows[index].num_ref
 
-    def _warn_once(self, key, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message)
+    def sample_id(self, index: int) -> str:
+        """``'<id> (<manifest file> line <n>)'``, the item's ``sample_id``."""
+        return self.rows[index].describe()
+
+    def _warn_once(self, key, message: str) -> bool:
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        logger.warning(message)
+        return True
 
     def _prompts(self, row: ManifestRow):
         return row.prompt, row.negative_prompt or self.negative_prompt
@@ -500,7 +313,7 @@ class VCUManifestDataset(Dataset):
         p = self.build_pixels(index)
         return dict(video=p.video_tensor(), frames=p.frames_tensor(), masks=p.masks_tensor(),
                     ref_images=p.ref_images, prompt=row.prompt, task=row.task,
-                    num_ref=p.num_ref, sample_id=row.sample_id, info=p.info)
+                    num_ref=p.num_ref, sample_id=row.describe(), info=p.info)
 
     # ------------------------------------------------------------ encoded
     def _expected_shapes(self, num_ref: int):
@@ -510,67 +323,25 @@ class VCUManifestDataset(Dataset):
 
     def load_cached(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
         """The cached tensors of ``index`` (float32) or None when not cached."""
-        from safetensors import safe_open
-        path = self.cache_path(index)
-        if path is None or not os.path.isfile(path):
+        if self.cache is None:
             return None
         row = self.rows[index]
-        sid = row.describe()
-        try:
-            with safe_open(path, framework='pt') as handle:
-                meta = json.loads((handle.metadata() or {}).get('vcu', '{}'))
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as exc:
-            raise VCUInputError(f'unreadable cache file ({type(exc).__name__}: {exc})', sid,
-                                'cache', path) from None
-        if meta.get('pixel_hash') != self.pixel_hash or meta.get('sample_key') != self.sample_key(index):
-            raise VCUInputError(f'cache file was written for another configuration or sample '
-                                f'(stored {meta.get("pixel_hash")}/{meta.get("sample_key")}, '
-                                f'expected {self.pixel_hash}/{self.sample_key(index)})',
-                                sid, 'cache', path)
-        expected = self._expected_shapes(row.num_ref)
-        for name in ('context', 'latents', 'vace_context'):
-            if name not in tensors:
-                raise VCUInputError(f'cache file lacks tensor {name!r}', sid, name, path)
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise VCUInputError(f'cached {name} has shape {tuple(tensors[name].shape)}, '
-                                    f'expected {shape}', sid, name, path)
-        for name, tensor in tensors.items():
-            # one reduction instead of a clip-sized bool mask (≈10× faster on
-            # 64 MiB samples); any NaN/Inf makes the sum non-finite
-            if not bool(torch.isfinite(tensor.sum())):
-                bad = int((~torch.isfinite(tensor)).sum())  # 0 if the sum merely overflowed
-                if bad:
-                    raise VCUInputError(f'cached tensor {name!r} has {bad} NaN/Inf values', sid,
-                                        name, path)
-        return {k: v.float() for k, v in tensors.items()}
+        return self.cache.load(self.sample_key(index), self._expected_shapes(row.num_ref),
+                               row.describe())
 
     def save_cached(self, index: int, encoded: Dict[str, torch.Tensor]) -> str:
-        from safetensors.torch import save_file
-        self._write_config_file()
-        path = self.cache_path(index)
         row = self.rows[index]
-        dtype = CACHE_DTYPES[self.cache_dtype]
-        meta = dict(pixel_hash=self.pixel_hash, sample_key=self.sample_key(index),
-                    sample_id=row.sample_id, task=row.task, num_ref=row.num_ref, prompt=row.prompt)
-        for name, tensor in encoded.items():
-            if not bool(torch.isfinite(tensor).all()):
-                raise VCUInputError(f'encoder produced NaN/Inf in {name!r}; not caching',
-                                    row.describe(), name, path)
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in encoded.items()}
-        tmp = f'{path}.tmp{os.getpid()}'
-        save_file(tensors, tmp, metadata=dict(vcu=json.dumps(meta)))
-        os.replace(tmp, path)  # atomic: no half-written cache file
-        return path
+        meta = dict(sample_id=row.sample_id, task=row.task, num_ref=row.num_ref, prompt=row.prompt)
+        return self.cache.save(self.sample_key(index), encoded, CACHE_DTYPES[self.cache_dtype], meta,
+                               row.describe())
 
     def encode_indices(self, indices: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
         """Encode samples (same ``shape_key``) in one batch with the codecs."""
         if self.codecs is None:
             row = self.rows[indices[0]]
-            raise ValueError(f'sample {row.describe()}: no cache entry at '
-                             f'{self.cache_path(indices[0])} and no codec configured; run '
-                             '`python -m vdot_ext.tools.precompute_vcu` or set codec=...')
+            # a VCUInputError: a sample that precompute skipped is skipped here too
+            raise VCUInputError(f'no cache entry and no codec configured. {self.cache.rebuild_hint()}',
+                                row.describe(), 'cache', self.cache_path(indices[0]))
         return self.encode_pixels(indices, [self.build_pixels(i) for i in indices])
 
     def encode_pixels(self, indices: Sequence[int], pixels: Sequence[VCUPixels]
@@ -588,7 +359,7 @@ class VCUManifestDataset(Dataset):
     def _item(self, index: int, tensors: Dict[str, torch.Tensor]) -> Dict[str, object]:
         row = self.rows[index]
         item = dict(prompt=row.prompt, task=row.task, num_ref=row.num_ref, index=index,
-                    sample_id=row.sample_id, context=tensors['context'],
+                    sample_id=row.describe(), context=tensors['context'],
                     latents=tensors['latents'], vace_context=tensors['vace_context'])
         if 'negative_context' in tensors:
             item['negative_context'] = tensors['negative_context']
@@ -599,9 +370,53 @@ class VCUManifestDataset(Dataset):
         tensors = self.load_cached(index)
         if tensors is None:
             tensors = self.encode_indices([index])[0]
-            if self.cache_subdir is not None and self.write_cache:
-                self.save_cached(index, tensors)
+            if self.cache is not None and self.write_cache:
+                self.save_cached(index, tensors)  # refuses (raises) non-finite tensors
+            else:
+                bad = first_nonfinite(tensors)
+                if bad:
+                    raise NonFiniteSampleError(f'encoder produced {bad[1]} NaN/Inf values in '
+                                               f'{bad[0]!r}', self.rows[index].describe(), bad[0],
+                                               self.rows[index].video)
         return self._item(index, tensors)
+
+    # ------------------------------------------------------------ skip mode
+    def _shape_groups(self) -> Dict[object, List[int]]:
+        """Indices per ``shape_key`` in manifest order (groups in order of appearance)."""
+        if self._groups is None:
+            self._groups = {}
+            for i in range(len(self.rows)):
+                members = self._groups.setdefault(self.shape_key(i), [])
+                self._group_pos[i] = len(members)
+                members.append(i)
+        return self._groups
+
+    def substitutes(self, index: int) -> Iterator[int]:
+        """``index``, then the candidates that replace it when it is bad (see module
+        doc): the rest of its shape group cyclically from ``index``, then each other
+        group cyclically from the offset of ``index`` within its own group."""
+        groups = self._shape_groups()
+        key = self.shape_key(index)
+        own, pos = groups[key], self._group_pos[index]
+        for step in range(len(own)):
+            yield own[(pos + step) % len(own)]
+        for other, members in groups.items():
+            if other == key:
+                continue
+            self._warn_once(('dead group', key),
+                            f'VCUManifestDataset: every sample with shape key {key!r} is bad '
+                            f'({len(own)} samples); they are replaced by samples of the next '
+                            'shape group that has good ones, so shape-grouped batches stay '
+                            f'uniform. {self.skip_report()}')
+            start = pos % len(members)
+            for step in range(len(members)):
+                yield members[(start + step) % len(members)]
+
+    def _mark_bad(self, sid: str, exc: Exception) -> None:
+        self.bad_samples[sid] = str(exc)
+        self.num_skipped += 1
+        logger.warning(f'VCUManifestDataset: skipping bad sample ({self.num_skipped} skipped so '
+                       f'far in this process): {exc}')
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         index = int(index)
@@ -612,25 +427,14 @@ class VCUManifestDataset(Dataset):
             raise IndexError(f'VCUManifestDataset: index {index} out of range [0, {len(self.rows)})')
         if self.on_error == 'raise':
             return self.fetch(index)
-        key = self.shape_key(index)
-        if self._groups is None:  # replacement candidates: same shape, manifest order
-            self._groups = {}
-            for i in range(len(self.rows)):
-                self._groups.setdefault(self.shape_key(i), []).append(i)
-        group = self._groups[key]
-        start = group.index(index)
-        for step in range(len(group)):
-            candidate = group[(start + step) % len(group)]
-            sid = self.rows[candidate].sample_id
+        for candidate in self.substitutes(index):
+            sid = self.rows[candidate].describe()
             if sid in self.bad_samples:
                 continue
             try:
                 return self.fetch(candidate)
-            except VCUInputError as exc:
-                self.bad_samples[sid] = str(exc)
-                self.num_skipped += 1
-                logger.warning(f'VCUManifestDataset: skipping bad sample ({self.num_skipped} '
-                               f'skipped so far): {exc}')
-        raise VCUInputError(f'every sample with {key} reference frame(s) is bad '
-                            f'({len(group)} samples; see the logged errors)',
-                            field='manifest', path=self.manifest)
+            except VCUInputError as exc:  # includes NonFiniteSampleError; codec faults propagate
+                self._mark_bad(sid, exc)
+        raise VCUInputError(f'every sample of the manifest is bad ({len(self.rows)} usable rows, '
+                            f'all failed when read). {self.skip_report()}', field='manifest',
+                            path=self.manifest)

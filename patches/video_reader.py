@@ -15,7 +15,8 @@ Geometry of one training sample (DESIGN.md §4; default 81 × 480 × 832):
 * **Resize/crop.** ``'cover'`` scales by ``s = max(H/h, W/w)`` (aspect kept),
   rounds the scaled size up to at least ``H × W`` and centre-crops; ``'stretch'``
   resizes to ``H × W``. cv2 ``INTER_AREA`` when shrinking (or ``INTER_LINEAR``,
-  cheaper, with ``shrink='linear'``), ``INTER_LINEAR`` when enlarging. The same :class:`FrameGeometry` maps boxes given in source pixels.
+  cheaper, with ``shrink='linear'``), ``INTER_LINEAR`` when enlarging. The
+  same :class:`FrameGeometry` maps boxes given in source pixels.
 * **Alignment.** A condition or mask video is read with the *same* frame indices
   and geometry as the ground-truth video; it must have the same frame count and
   size as that video (else an error naming both files).
@@ -37,10 +38,14 @@ RESIZE_MODES = ('cover', 'stretch')
 
 
 class VCUInputError(ValueError):
-    """Bad VCU input; the message names the sample, the field and the file."""
+    """Bad VCU input; the message names the sample, the field and the file.
+
+    ``line`` (manifest line) and ``sample_id`` (the row's id) are kept as
+    attributes for counting and reports; they do not change the message."""
 
     def __init__(self, message: str, sample: Optional[str] = None, field: Optional[str] = None,
-                 path: Optional[str] = None):
+                 path: Optional[str] = None, *, line: Optional[int] = None,
+                 sample_id: Optional[str] = None):
         parts = []
         if sample is not None:
             parts.append(f'sample {sample}')
@@ -51,6 +56,7 @@ class VCUInputError(ValueError):
         prefix = ', '.join(parts)
         super().__init__(f'{prefix}: {message}' if prefix else message)
         self.sample, self.field, self.path = sample, field, path
+        self.line, self.sample_id = line, sample_id
 
 
 @dataclass(frozen=True)
@@ -160,15 +166,19 @@ def open_video(path: str, field: str = 'video', sample: Optional[str] = None,
                num_threads: int = 1):
     """``(decord reader, VideoInfo)``; errors name the file and field."""
     reader = _open(path, field, sample, num_threads)
-    n = len(reader)
-    if n < 1:
-        raise VCUInputError('video has no frames', sample, field, path)
-    try:
+    try:  # decord raises its own DECORDError on broken streams: name the file instead
+        n = len(reader)
+        if n < 1:
+            raise VCUInputError('video has no frames', sample, field, path)
         h, w = reader[0].shape[:2]
+        fps = float(reader.get_avg_fps())
+    except VCUInputError:
+        raise
     except Exception as exc:
-        raise VCUInputError(f'cannot decode frame 0: {type(exc).__name__}', sample, field,
-                            path) from None
-    return reader, VideoInfo(path, int(n), int(h), int(w), float(reader.get_avg_fps()))
+        raise VCUInputError(f'cannot decode frame 0 (corrupt file?): {type(exc).__name__}: '
+                            f'{str(exc).splitlines()[0][:200] if str(exc) else ""}', sample,
+                            field, path) from None
+    return reader, VideoInfo(path, int(n), int(h), int(w), fps)
 
 
 def probe_video(path: str, field: str = 'video', sample: Optional[str] = None) -> VideoInfo:

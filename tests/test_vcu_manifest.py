@@ -2,12 +2,15 @@
 path resolution, task aliases and validation errors."""
 import csv
 import json
+import logging
 import os
+import re
 
 import pytest
 
-from vdot_ext.patches.manifest import detect_layout, parse_manifest
-from vdot_ext.patches.tasks import COMPOSITE_TASKS, SINGLE_TASKS, TASKS, UVCBENCH_TASKS, resolve_task
+from vdot_ext.patches.manifest import detect_layout, parse_manifest, summarize_errors
+from vdot_ext.patches.tasks import (COMPOSITE_TASKS, DEFAULT_OPTIONS, SINGLE_TASKS, TASKS, UVCBENCH_TASKS,
+                                    resolve_task)
 from vdot_ext.patches.video_reader import VCUInputError
 
 
@@ -164,7 +167,7 @@ def test_manifest_file_errors(files):
     with pytest.raises(VCUInputError, match='unknown manifest type'):
         parse_manifest(str(files / 'm.txt'))
     (files / 'broken.jsonl').write_text('{"task": "grey", "prompt": "p", "video": "data/gt.mp4"}\n{oops\n')
-    with pytest.raises(VCUInputError, match='line 2 is not valid JSON'):
+    with pytest.raises(VCUInputError, match='line 2.*not valid JSON'):
         parse_manifest(str(files / 'broken.jsonl'))
     (files / 'empty.csv').write_text('task,prompt,video\n')
     with pytest.raises(VCUInputError, match='no rows'):
@@ -177,3 +180,118 @@ def test_manifest_file_errors(files):
                      ['prompt', 'caption', 'task', 'video'])
     with pytest.raises(VCUInputError, match="both give 'prompt'"):
         parse_manifest(path)
+
+
+# ---------------------------------------------------------------- bad bytes and values
+GOOD = b'{"task": "grey", "prompt": "ok", "video": "data/gt.mp4"}\n'
+CSV_HEAD = b'task,prompt,video,frame_end,box\ngrey,ok,data/gt.mp4,,\n'
+FIRST_OPTION = next(iter(DEFAULT_OPTIONS))
+FAULTS = {  # name: (file name, bytes, field, line, message)
+    'non-UTF-8 (jsonl)': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": "caf\xe9", "video": "data/gt.mp4"}\n',
+                          'prompt', 2, 'non-UTF-8 byte 0xe9 at character 4'),
+    'non-UTF-8 (csv)': ('m.csv', CSV_HEAD + b'grey,ok,data/gt\xff.mp4,,\n', 'video', 3, 'non-UTF-8 byte 0xff'),
+    'malformed JSON': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": "x" "video": "data/gt.mp4"}\n', 'prompt', 2,
+                       'not valid JSON'),
+    'JSON not an object': ('m.jsonl', GOOD + b'["grey", "x"]\n', 'record', 2, 'not a JSON object'),
+    'CSV values past the header': ('m.csv', b'task,prompt,video\ngrey,ok,data/gt.mp4\n'
+                                   b'grey,a cat, running,data/gt.mp4\n', 'record', 3, '4 values, but the header has 3'),
+    'inf frame (csv)': ('m.csv', CSV_HEAD + b'grey,x,data/gt.mp4,inf,\n', 'frame_end', 3, 'finite integer'),
+    'nan frame (jsonl)': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": "x", "video": "data/gt.mp4", '
+                          b'"frame_start": NaN}\n', 'frame_start', 2, 'finite integer'),
+    'Infinity ref_frame': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": "x", "video": "data/gt.mp4", '
+                           b'"ref_frame": -Infinity}\n', 'ref_frame', 2, 'finite integer'),
+    'inf box (csv)': ('m.csv', CSV_HEAD + b'grey,x,data/gt.mp4,,"0,0,inf,4"\n', 'box', 3, 'finite numbers'),
+    'NaN option': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": "x", "video": "data/gt.mp4", "options": {"'
+                   + FIRST_OPTION.encode() + b'": NaN}}\n', FIRST_OPTION, 2, 'finite numbers'),
+    'prompt number': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": 42, "video": "data/gt.mp4"}\n', 'prompt', 2,
+                      'prompt must be a string, got int 42'),
+    'prompt list': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": ["a", "b"], "video": "data/gt.mp4"}\n',
+                    'prompt', 2, 'prompt must be a string, got list'),
+    'prompt null': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": null, "video": "data/gt.mp4"}\n', 'prompt', 2,
+                    'got null'),
+    'path not a string': ('m.jsonl', GOOD + b'{"task": "grey", "prompt": "x", "video": 7}\n', 'video', 2,
+                          'video must be a string'),
+}
+
+
+@pytest.mark.parametrize('name', list(FAULTS))
+def test_manifest_faults_raise_with_line_and_field(files, name):
+    """Each fault: VCUInputError naming the file, the line and the field (not a
+    UnicodeDecodeError/OverflowError, and never accepted silently)."""
+    file_name, data, field, line, match = FAULTS[name]
+    path = files / file_name
+    path.write_bytes(data)
+    with pytest.raises(VCUInputError, match=match) as err:
+        parse_manifest(str(path))
+    msg = str(err.value)
+    assert f'line {line}' in msg and f"field '{field}'" in msg and str(path) in msg, msg
+    assert (err.value.line, err.value.field) == (line, field)
+    msg.encode('utf-8')  # printable: undecodable bytes never reach the message raw
+
+
+@pytest.mark.parametrize('name', list(FAULTS))
+def test_manifest_faults_are_skipped_and_counted(files, name, caplog):
+    file_name, data, field, line, match = FAULTS[name]
+    path = files / file_name
+    path.write_bytes(data)
+    with caplog.at_level(logging.DEBUG, logger='vdot_ext.patches.manifest'):
+        rows, errors = parse_manifest(str(path), skip_bad=True)
+    assert [r.prompt for r in rows] == ['ok']
+    assert len(errors) == 1 and (errors[0].line, errors[0].field) == (line, field)
+    assert re.search(match, str(errors[0]))
+    summaries = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(summaries) == 1 and '1 row(s) skipped' in summaries[0].getMessage()
+    assert f"1 × '{field}'" in summaries[0].getMessage()
+
+
+def test_bom_and_spreadsheet_csv_simply_work(files):
+    """A CSV saved by a spreadsheet (UTF-8 with BOM, CRLF, quoted multi-line
+    caption) parses like the plain file; line numbers count physical lines."""
+    rows = [dict(id='a', task='grey', prompt='first', video='data/gt.mp4'),
+            dict(id='b', task='grey', prompt='two\nlines', video='data/gt.mp4'),
+            dict(id='c', task='grey', prompt='third', video='data/gt.mp4')]
+    plain = write_csv(files / 'plain.csv', rows, ['id', 'task', 'prompt', 'video'])
+    with open(files / 'excel.csv', 'w', newline='', encoding='utf-8-sig') as handle:
+        writer = csv.DictWriter(handle, fieldnames=['id', 'task', 'prompt', 'video'], lineterminator='\r\n')
+        writer.writeheader()
+        writer.writerows(rows)
+    assert (files / 'excel.csv').read_bytes().startswith(b'\xef\xbb\xbfid,')
+    for skip in (False, True):
+        parsed, errors = parse_manifest(str(files / 'excel.csv'), skip_bad=skip)
+        expected, _ = parse_manifest(plain)
+        assert errors == [] and [(r.sample_id, r.prompt, r.line) for r in parsed] == \
+            [(r.sample_id, r.prompt, r.line) for r in expected] == [('a', 'first', 2), ('b', 'two\nlines', 3),
+                                                                    ('c', 'third', 5)]
+    (files / 'bom.jsonl').write_bytes(b'\xef\xbb\xbf' + GOOD + GOOD.replace(b'"ok"', b'"ok2"'))
+    for skip in (False, True):
+        parsed, errors = parse_manifest(str(files / 'bom.jsonl'), skip_bad=skip)
+        assert errors == [] and [r.prompt for r in parsed] == ['ok', 'ok2']
+
+
+def test_utf16_manifest_is_one_clear_error(files):
+    (files / 'u16.jsonl').write_bytes(GOOD.decode().encode('utf-16'))
+    for skip in (False, True):
+        with pytest.raises(VCUInputError, match='UTF-16 encoded.*save it as UTF-8'):
+            parse_manifest(str(files / 'u16.jsonl'), skip_bad=skip)
+
+
+def test_unreadable_header_is_an_error_in_both_modes(files):
+    (files / 'h.csv').write_bytes(b'task,pr\xf6mpt,video\ngrey,x,data/gt.mp4\n')
+    for skip in (False, True):
+        with pytest.raises(VCUInputError, match=r"line 1: the header row holds non-UTF-8 byte 0xf6") as err:
+            parse_manifest(str(files / 'h.csv'), skip_bad=skip)
+        assert "field 'header'" in str(err.value) and 'h.csv' in str(err.value)
+
+
+def test_skip_summary_counts_every_reason(files, caplog):
+    data = b''.join(FAULTS[name][1].split(b'\n', 1)[1] for name in FAULTS if FAULTS[name][0] == 'm.jsonl')
+    (files / 'many.jsonl').write_bytes(GOOD + data)
+    with caplog.at_level(logging.WARNING, logger='vdot_ext.patches.manifest'):
+        rows, errors = parse_manifest(str(files / 'many.jsonl'), skip_bad=True)
+    jsonl_faults = [n for n in FAULTS if FAULTS[n][0] == 'm.jsonl']
+    assert len(rows) == 1 and len(errors) == len(jsonl_faults)
+    assert [e.line for e in errors] == list(range(2, 2 + len(jsonl_faults)))
+    (summary,) = caplog.records
+    assert f'1 of {1 + len(jsonl_faults)} rows usable' in summary.getMessage()
+    assert summarize_errors(errors) in summary.getMessage()
+    assert "× 'prompt'" in summary.getMessage() and "× 'frame_start'" in summary.getMessage()

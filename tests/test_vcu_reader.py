@@ -161,3 +161,27 @@ def test_read_image_converts_to_rgb(tmp_path):
     g = read_image(str(tmp_path / 'g.png'))
     assert a.shape == g.shape == (10, 12, 3) and a.flags.writeable
     assert (a[..., 0] == 200).all() and (g == 77).all()
+
+
+def test_video_io_writes_atomically_and_read_errors_name_the_file(tmp_path, monkeypatch):
+    from vdot_ext.data.video_io import read_png
+    write_mp4(str(tmp_path / 'old.mp4'), coded_video(5))
+    write_png(str(tmp_path / 'old.png'), np.zeros((8, 8, 3), np.uint8))
+    before = {p: (tmp_path / p).read_bytes() for p in ('old.mp4', 'old.png')}
+
+    def crash(*args):  # killed between writing and renaming
+        raise OSError('simulated crash before the rename')
+    monkeypatch.setattr(os, 'replace', crash)
+    with pytest.raises(OSError, match='simulated crash'):
+        write_mp4(str(tmp_path / 'old.mp4'), coded_video(9))
+    with pytest.raises(OSError, match='simulated crash'):
+        write_png(str(tmp_path / 'old.png'), np.full((8, 8, 3), 255, np.uint8))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ['old.mp4', 'old.png']  # no torn file, no temporary
+    assert all((tmp_path / p).read_bytes() == data for p, data in before.items())
+    (tmp_path / 'bad.mp4').write_bytes(os.urandom(2000))
+    (tmp_path / 'bad.png').write_bytes(os.urandom(200))
+    for read, name in ((read_video, 'bad.mp4'), (read_png, 'bad.png')):
+        with pytest.raises(ValueError, match='cannot decode') as err:
+            read(str(tmp_path / name))
+        assert str(tmp_path / name) in str(err.value)

@@ -16,6 +16,14 @@ class ShapeGroupedBatchSampler(Sampler):
     ``sampler`` by ``dataset.shape_key(index)`` and yields a bucket when it
     holds ``batch_size`` indices, so batches collate without padding.
 
+    Bad samples (``VCUManifestDataset(on_error='skip')``, docs/DESIGN.md §11):
+    rows dropped at parsing never reach this sampler (they are not in the
+    dataset). A sample found bad when read is replaced by the dataset with a
+    good sample of the same group, or, when its whole group is bad, with one
+    of a single fallback group that is the same for every index of the dead
+    group. Each batch yielded here holds one group, so its items keep one
+    shape either way and the batch still collates.
+
     Args:
         sampler: the index sampler (e.g. mmengine's ``InfiniteSampler``); its
             ``dataset`` must define ``shape_key(index) -> hashable``.

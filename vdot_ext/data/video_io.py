@@ -4,8 +4,14 @@ png writing/reading, and side-by-side comparison videos.
 Pixel conventions: tensors are ``[3, T, H, W]`` (videos) or ``[3, H, W]`` /
 ``[3, 1, H, W]`` (images) in [-1, 1]; files hold uint8 RGB. The map is
 ``u8 = round((x + 1) · 127.5)`` so grey 0 ≙ 127.5 (VACE's "missing pixel").
+
+Writes are atomic (temporary file in the same folder, then rename; docs/DESIGN.md
+§8): a killed demo never leaves a torn video that a rerun would take as done.
+Read errors name the file.
 """
+import contextlib
 import os
+import tempfile
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -59,21 +65,32 @@ def image_to_uint8(image: ArrayLike, name: str = 'image') -> np.ndarray:
 
 
 def write_mp4(path: str, video: ArrayLike, fps: int = 8, crf: int = 12) -> str:
-    """Write an H.264 mp4 (yuv420p, so H and W must be even)."""
+    """Write an H.264 mp4 (yuv420p, so H and W must be even), atomically."""
     import imageio.v2 as imageio
     frames = video_to_uint8(video)
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f'write_mp4({path}): H.264/yuv420p needs even H and W, got {h}×{w}')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    writer = imageio.get_writer(path, fps=fps, codec='libx264', quality=None, macro_block_size=1,
-                                pixelformat='yuv420p', ffmpeg_log_level='error',
-                                ffmpeg_params=['-crf', str(int(crf))])
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # ffmpeg writes to a path (it picks the container from the extension): a
+    # temporary .mp4 beside the target, renamed over it when complete
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp.mp4', dir=folder)
+    os.close(fd)
     try:
-        for frame in frames:
-            writer.append_data(frame)
-    finally:
-        writer.close()
+        writer = imageio.get_writer(tmp, fps=fps, codec='libx264', quality=None, macro_block_size=1,
+                                    pixelformat='yuv420p', ffmpeg_log_level='error',
+                                    ffmpeg_params=['-crf', str(int(crf))])
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -96,8 +113,12 @@ def read_video(path: str, backend: str = 'decord') -> np.ndarray:
     if backend != 'decord':
         raise ValueError(f"read_video: backend must be 'decord' or 'imageio', got {backend!r}")
     import decord
-    reader = decord.VideoReader(path, ctx=decord.cpu(0))
-    width = reader[0].shape[1] if len(reader) else 0
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        width = reader[0].shape[1] if len(reader) else 0
+    except Exception as exc:  # decord's own error types; name the file
+        raise ValueError(f'read_video({path}): cannot decode ({type(exc).__name__}: '
+                         f'{str(exc).splitlines()[0][:200] if str(exc) else ""})') from None
     if width < 64:
         raise ValueError(f"read_video({path}): decord cannot decode frames narrower than 64 px "
                          f"(width {width}); use backend='imageio'")
@@ -105,16 +126,25 @@ def read_video(path: str, backend: str = 'decord') -> np.ndarray:
 
 
 def write_png(path: str, image: ArrayLike) -> str:
+    """Write a PNG atomically."""
     import imageio.v2 as imageio
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    imageio.imwrite(path, image_to_uint8(image), format='png')
+
+    from vdot_ext.utils import atomic_write
+    pixels = image_to_uint8(image)
+    with atomic_write(path) as handle:
+        imageio.imwrite(handle, pixels, format='png')
     return path
 
 
 def read_png(path: str) -> np.ndarray:
     """uint8 [H, W, 3]."""
     import imageio.v2 as imageio
-    image = np.asarray(imageio.imread(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'read_png: no such file {path}')
+    try:
+        image = np.asarray(imageio.imread(path))
+    except Exception as exc:  # PIL/imageio errors rarely name the file
+        raise ValueError(f'read_png({path}): cannot decode ({type(exc).__name__}: {exc})') from None
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     return image[..., :3]

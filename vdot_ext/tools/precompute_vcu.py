@@ -14,7 +14,10 @@ or take the dataset settings from a training config (flags given here win)::
 Samples already in the cache are skipped (the cache is keyed by the pixel
 configuration and the codecs; see ``VCUManifestDataset``), the rest are
 encoded in batches of samples with the same number of reference images.
-``--skip-bad`` logs and counts bad samples instead of stopping at the first.
+``--skip-bad`` logs and counts bad samples (bad manifest rows, unreadable videos,
+NaN/Inf encodings) instead of stopping at the first; ``errors`` in the returned
+summary maps each skipped sample's id (``'<id> (<manifest> line <n>)'``) to why.
+Cache files are written atomically, so an interrupted run is simply rerun.
 """
 import argparse
 import json
@@ -179,14 +182,22 @@ def precompute(dataset, batch_size: int = 1, skip_bad: bool = False,
                 continue
             if not skip_bad:
                 raise VCUInputError(error)
-            errors[dataset.rows[index].sample_id] = error
+            errors[dataset.sample_id(index)] = error
             skipped += 1
             logger.warning(f'precompute_vcu: skipping bad sample: {error}')
         if not good:
             continue
         for index, tensors in zip(good, dataset.encode_pixels(good, pixels)):
-            dataset.save_cached(index, tensors)
-        done += len(good)
+            try:
+                dataset.save_cached(index, tensors)  # refuses NaN/Inf encodings
+            except VCUInputError as exc:
+                if not skip_bad:
+                    raise
+                errors[dataset.sample_id(index)] = str(exc)
+                skipped += 1
+                logger.warning(f'precompute_vcu: skipping bad sample: {exc}')
+                continue
+            done += 1
         now = time.perf_counter()
         if now - last_log >= log_every or done + skipped == total:
             rate = done / max(now - start, 1e-9)
@@ -196,9 +207,13 @@ def precompute(dataset, batch_size: int = 1, skip_bad: bool = False,
             last_log = now
     seconds = time.perf_counter() - start
     summary = dict(samples=len(dataset), cached_before=cached, encoded=done,
-                   skipped=skipped + len(dataset.bad_samples), seconds=round(seconds, 3),
+                   skipped=skipped + len(dataset.manifest_errors), seconds=round(seconds, 3),
                    cache_dir=dataset.cache_subdir, errors=errors)
-    logger.info(f'precompute_vcu: done in {seconds:.1f}s: {json.dumps({k: v for k, v in summary.items() if k != "errors"})}')
+    counts = json.dumps({k: v for k, v in summary.items() if k != 'errors'})
+    logger.info(f'precompute_vcu: done in {seconds:.1f}s: {counts}')
+    if errors:
+        logger.warning(f'precompute_vcu: {len(errors)} sample(s) skipped; the first: '
+                       f'{" | ".join(list(errors.values())[:3])} (all in the summary\'s "errors")')
     return summary
 
 
