@@ -53,7 +53,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .tasks import DEFAULT_OPTIONS, TASKS, resolve_task
+from .tasks import DEFAULT_OPTIONS, TASKS, TaskOptionError, merge_options, resolve_task
 from .video_reader import VCUInputError
 
 logger = logging.getLogger(__name__)
@@ -360,8 +360,6 @@ def _parse_option(key, value):
         try:
             return json.loads(text)
         except json.JSONDecodeError:
-            if key == 'outpaint_directions':
-                return [d.strip() for d in text.replace(';', ',').split(',') if d.strip()]
             return text
     return value
 
@@ -475,7 +473,18 @@ def parse_row(line: int, record: dict, manifest: str, check_files: bool = True) 
     for name, value in options.items():
         if _is_nonfinite(value):
             raise err(f'option {name}: expected finite numbers, got {value!r}', name)
+    # a task name that implies an option (``lastclip`` -> extension_mode) must
+    # not be silently overridden by, or override, the row's own value
+    conflicts = [f'{k}={options[k]!r} (task {fields["task"]!r} implies {v!r})'
+                 for k, v in implied.items() if k in options and options[k] != v]
+    if conflicts:
+        raise err(f'options conflict with the task name: {conflicts}', 'options')
     options.update(implied)
+    # checked here, so that a bad value is reported with its line number
+    try:
+        merge_options(options)
+    except TaskOptionError as exc:
+        raise err(exc.detail, exc.field) from None
 
     numbers = {}
     for name in ('frame_start', 'frame_end', 'ref_frame'):

@@ -299,7 +299,8 @@ class VCUManifestDataset(Dataset):
     def build_pixels(self, index: int) -> VCUPixels:
         row = self.rows[index]
         source = self.load_source(index)
-        pixels = build_vcu(row.task, source, merge_options(self.task_options, row.options))
+        # merged inside build_vcu, so that an option error names the sample
+        pixels = build_vcu(row.task, source, dict(self.task_options, **row.options))
         if pixels.num_ref != row.num_ref:
             raise VCUInputError(f'built {pixels.num_ref} references, the manifest row implies '
                                 f'{row.num_ref}', row.describe(), 'ref_images')

@@ -62,12 +62,12 @@ def test_csv_layout_paths_options_and_lists(files):
         dict(id='b', task='reference_grey', prompt='a dog', video='data/gt.mp4',
              ref_images='data/r1.png;data/r2.png', options='{"ref_fill": 0.0}'),
         dict(id='c', task='outpainting', prompt='sea', video=str(files / 'data' / 'gt.mp4'),
-             outpaint_ratio='0.5', outpaint_directions='left,up'),
+             expand_ratio='0.5', direction='left,up'),
         dict(id='d', task='inpaint', prompt='road', video='data/gt.mp4', box='[1, 2, 30, 20]'),
         dict(id='e', task='firstlastframe', prompt='x', video='data/gt.mp4', ref_box='0,0,8,8'),
     ]
     columns = ['id', 'task', 'prompt', 'video', 'condition', 'mask', 'ref_images', 'frame_start',
-               'frame_end', 'box', 'ref_box', 'options', 'outpaint_ratio', 'outpaint_directions']
+               'frame_end', 'box', 'ref_box', 'options', 'expand_ratio', 'direction']
     path = write_csv(files / 'm.csv', rows, columns)
     parsed, errors = parse_manifest(path)
     assert errors == [] and [r.sample_id for r in parsed] == list('abcde')
@@ -77,8 +77,7 @@ def test_csv_layout_paths_options_and_lists(files):
     assert (a.frame_start, a.frame_end, a.task, a.num_ref) == (4, 40, 'depth', 0)
     assert b.ref_images == [os.path.join(data, 'r1.png'), os.path.join(data, 'r2.png')]
     assert b.task == 'reference_grey' and b.num_ref == 2 and b.options == {'ref_fill': 0.0}
-    assert c.task == 'outpaint' and c.options == {'outpaint_ratio': 0.5,
-                                                  'outpaint_directions': ['left', 'up']}
+    assert c.task == 'outpaint' and c.options == {'expand_ratio': 0.5, 'direction': 'left,up'}
     assert d.box == (1.0, 2.0, 30.0, 20.0) and d.mask is None
     assert e.task == 'extension' and e.options == {'extension_mode': 'firstlastframe'}
     assert e.ref_box == (0.0, 0.0, 8.0, 8.0) and e.num_ref == 0  # extension uses no references
@@ -295,3 +294,15 @@ def test_skip_summary_counts_every_reason(files, caplog):
     assert f'1 of {1 + len(jsonl_faults)} rows usable' in summary.getMessage()
     assert summarize_errors(errors) in summary.getMessage()
     assert "× 'prompt'" in summary.getMessage() and "× 'frame_start'" in summary.getMessage()
+
+
+def test_option_errors_name_the_line_and_conflicts_with_the_task_name_are_refused(files):
+    rows = [dict(id='a', task='outpainting', prompt='sea', video='data/gt.mp4', expand_ratio='-1'),
+            dict(id='b', task='lastclip', prompt='x', video='data/gt.mp4',
+                 options='{"extension_mode": "firstclip"}')]
+    path = write_csv(files / 'opts.csv', rows, ['id', 'task', 'prompt', 'video', 'expand_ratio', 'options'])
+    with pytest.raises(VCUInputError, match=r'line 2.*expand_ratio'):
+        parse_manifest(path, check_files=False)
+    parsed, errors = parse_manifest(path, check_files=False, skip_bad=True)
+    assert parsed == [] and len(errors) == 2
+    assert 'implies' in str(errors[1])

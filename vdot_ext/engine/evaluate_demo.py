@@ -84,7 +84,7 @@ def evaluate_vdot(work_dir: str,
                     results[task][f'{name}/{metric}'].append(float(value))
             results[task]['student_teacher_latent_mse'].append(
                 float((student - teacher).square().mean()))
-            condition = pixels['frames'] if task != 'r2v' else pixels['ref_images']
+            condition = pixels['frames'] if pixels.get('ref_images') is None else pixels['ref_images']
             panels = [condition, mask_to_video(pixels['masks']), videos['real'],
                       videos['teacher'], videos['student']]
             labels = ['condition', 'mask', 'real', f'teacher {teacher_steps}', 'student']
