@@ -13,6 +13,7 @@ import vdot_ext.models  # noqa: F401  (registers the models)
 from vdot_ext.models.vace_acc_wan_init import AccWanInitReport, VACEAccWanInit
 from vdot_ext.models.wan_vace_score import WanVACEScore
 from vdot_ext.registry import MODELS
+from vdot_ext.utils import NonFiniteError, UnsafeCheckpointError, safe_torch_load, save_torch
 
 
 class TinyGenerator(torch.nn.Module):
@@ -55,10 +56,11 @@ def test_from_mmengine_checkpoint_file(models, tmp_path):
     save_checkpoint({'meta': {'iter': 1500, 'seed': np.int64(0)},
                      'state_dict': stage1.state_dict(),
                      'message_hub': {'runtime_info': {'iter': 1500}}}, path)
-    # numpy metadata (as mmengine writes) is what weights_only=True rejects
+    # numpy metadata (as mmengine writes) is what a bare weights_only=True
+    # rejects; our allow-list reads it, still without unpickling code
     with pytest.raises(Exception, match='[Ww]eights only load failed'):
         torch.load(path, map_location='cpu', weights_only=True)
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    ckpt = safe_torch_load(path)
     assert 'generator.dit.blocks.0.self_attn.q.weight' in ckpt['state_dict']
     vace_before = {k: v.clone() for k, v in vace.vace.state_dict().items()}
     params_before = {n: id(p) for n, p in vace.named_parameters()}
@@ -140,3 +142,34 @@ def test_errors(models, tmp_path):
     with pytest.raises(ValueError, match='has no VACE blocks'):
         VACEAccWanInit(stage1.state_dict())(stage1.generator)
     assert os.path.exists(tmp_path)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}', ))
+
+
+def test_source_loads_safely_and_must_be_finite(models, tmp_path):
+    vace, stage1 = models
+    before = {k: v.clone() for k, v in vace.state_dict().items()}
+    marker = tmp_path / 'ran'
+    evil = str(tmp_path / 'stage1.pth')
+    torch.save({'state_dict': stage1.state_dict(), 'meta': _RunsCode(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError, match='stage1.pth.*system'):
+        VACEAccWanInit(evil)(vace)
+    assert not marker.exists()
+    key = 'generator.dit.blocks.1.cross_attn.o.weight'
+    poisoned = dict(stage1.state_dict())
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key][0, 0] = float('nan')
+    path = str(tmp_path / 'nan.pth')
+    save_torch({'state_dict': poisoned}, path)
+    with pytest.raises(NonFiniteError, match=rf'nan.pth.*{key}'):
+        VACEAccWanInit(path)(vace)
+    with pytest.raises(NonFiniteError, match=rf'state dict.*{key}'):
+        VACEAccWanInit(poisoned)(vace)
+    # nothing was written into the target
+    assert all(torch.equal(v, before[k]) for k, v in vace.state_dict().items())

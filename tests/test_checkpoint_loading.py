@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from vdot_ext.models.checkpoint_io import (load_wan_vace_state_dict,
                                            resolve_checkpoint_files)
 from vdot_ext.models.wan_vace_score import WanVACEScore
+from vdot_ext.models.weights import load_weights, read_state_dict
+from vdot_ext.utils import NonFiniteError, UnsafeCheckpointError, save_torch
 
 
 # key names of the official releases (Wan-AI/Wan2.1-T2V-*, Wan2.1-VACE-14B)
@@ -213,3 +215,56 @@ def test_load_wan_vace_state_dict_splits_parts(vace_release):
     assert all(k.startswith('vace') for k in vace_sd)
     dit_only = load_wan_vace_state_dict(files, has_vace=False)
     assert dit_only.vace is None and dit_only.dit.keys() == dit_sd.keys()
+
+
+def test_nan_in_a_release_shard_is_an_error_naming_the_file(vace_release,
+                                                            tmp_path):
+    _, sd, _, _ = vace_release
+    poisoned = dict(sd)
+    poisoned['blocks.1.ffn.0.bias'] = poisoned['blocks.1.ffn.0.bias'].clone()
+    poisoned['blocks.1.ffn.0.bias'][3] = float('nan')
+    files = write_sharded(poisoned, str(tmp_path), shards=2, index=False)
+    bad = next(f for f in files if 'blocks.1.ffn.0.bias' in
+               __import__('safetensors.torch', fromlist=['load_file'])
+               .load_file(f))
+    with pytest.raises(NonFiniteError,
+                       match=rf"{bad}.*blocks.1.ffn.0.bias"):
+        WanVACEScore('tiny-vace', pretrained=str(tmp_path))
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}', ))
+
+
+def test_read_state_dict_loads_safely_and_checks_finiteness(tmp_path):
+    """load_weights/read_state_dict: weights_only=True (a crafted file is
+    refused, its code never runs), safetensors too, NaN/Inf named."""
+    torch.manual_seed(4)
+    model = WanVACEScore('tiny')
+    sd = {'generator.' + k: v for k, v in model.state_dict().items()}
+    path = str(tmp_path / 'final_model.pth')
+    save_torch({'state_dict': sd, 'meta': {'iter': 3}}, path)
+    target = WanVACEScore('tiny')
+    load_weights(target, path, prefix='generator.')
+    assert_same_weights(target, release_state_dict(model))
+    save_file(sd, str(tmp_path / 'w.safetensors'))
+    assert read_state_dict(str(tmp_path / 'w.safetensors')).keys() == sd.keys()
+    # crafted: refused, nothing ran
+    marker = tmp_path / 'ran'
+    torch.save({'state_dict': sd, 'x': _RunsCode(marker)},
+               tmp_path / 'evil.pth')
+    with pytest.raises(UnsafeCheckpointError, match='evil.pth.*system'):
+        load_weights(target, str(tmp_path / 'evil.pth'), prefix='generator.')
+    assert not marker.exists()
+    # NaN / Inf: an error naming the field, the file and the tensor
+    key = 'generator.dit.blocks.0.self_attn.q.weight'
+    bad = dict(sd, **{key: sd[key].clone().fill_(float('inf'))})
+    save_torch({'state_dict': bad}, str(tmp_path / 'inf.pth'))
+    with pytest.raises(NonFiniteError,
+                       match=rf'evaluate.checkpoint: .*inf.pth.*{key}'):
+        load_weights(target, str(tmp_path / 'inf.pth'), prefix='generator.',
+                     field='evaluate.checkpoint')

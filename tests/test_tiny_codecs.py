@@ -1,11 +1,13 @@
 """Tiny Wan VAE / text encoder: real diffsynth classes built small."""
 import math
+import os
 
 import pytest
 import torch
 
 from vdot_ext.models.tiny_codecs import (TinyTextEncoder, TinyWanVAE, WordTokenizer,
                                          recon_psnr, train_tiny_vae)
+from vdot_ext.utils import NonFiniteError, UnsafeCheckpointError, save_torch
 
 VOCAB = ['a', 'red', 'blue', 'circle', 'square', 'moving', 'left', 'on', 'background']
 
@@ -211,3 +213,42 @@ def test_registered_in_models():
     enc = MODELS.build(dict(type='TinyTextEncoder', vocabulary=VOCAB, dim=24, dim_attn=24,
                             dim_ffn=48, num_heads=2))
     assert enc.encode(['a red circle']).shape == (1, 16, 24)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}', ))
+
+
+def test_codec_files_are_written_atomically_and_loaded_safely(tmp_path, vae):
+    path = str(tmp_path / 'vae.pth')
+    vae.save(path)
+    good = open(path, 'rb').read()
+    # a save that fails half-way (an unpicklable extra) leaves the old file whole
+    with pytest.raises(Exception):
+        vae.save(path, extra={'not_picklable': lambda: None})
+    assert open(path, 'rb').read() == good
+    assert sorted(os.listdir(tmp_path)) == ['vae.pth']
+    # a crafted file is refused before any code runs
+    marker = tmp_path / 'ran'
+    payload = torch.load(path, weights_only=True)
+    torch.save(dict(payload, extra={'x': _RunsCode(marker)}), tmp_path / 'evil.pth')
+    with pytest.raises(UnsafeCheckpointError, match='evil.pth.*system'):
+        TinyWanVAE.load(str(tmp_path / 'evil.pth'))
+    assert not marker.exists()
+    # non-finite weights or latent statistics: an error naming the file
+    nan = dict(payload, latent_std=payload['latent_std'].clone())
+    nan['latent_std'][2] = float('nan')
+    save_torch(nan, str(tmp_path / 'nan_vae.pth'))
+    with pytest.raises(NonFiniteError, match='nan_vae.pth.*latent_std'):
+        TinyWanVAE.load(str(tmp_path / 'nan_vae.pth'))
+    enc = TinyTextEncoder(VOCAB, dim=24, dim_attn=24, dim_ffn=48, num_heads=2)
+    text = torch.load(enc.save(str(tmp_path / 'text.pth')), weights_only=True)
+    name = next(iter(text['state_dict']))
+    text['state_dict'][name] = text['state_dict'][name].clone().fill_(float('inf'))
+    save_torch(text, str(tmp_path / 'inf_text.pth'))
+    with pytest.raises(NonFiniteError, match=rf'inf_text.pth.*{name}'):
+        TinyTextEncoder.load(str(tmp_path / 'inf_text.pth'))

@@ -11,7 +11,8 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=100, by_epoch=False,
+    # crash-safe saving, safe loading, exact resume (vdot_ext/engine/checkpointing.py)
+    checkpoint=dict(type='VDOTCheckpointHook', interval=100, by_epoch=False,
                     max_keep_ckpts=2, save_last=True),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )

@@ -1,34 +1,56 @@
 """Explicit, version-checked fixes for host libraries, applied by function call."""
 import os.path as osp
 
-import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-_TRUSTED_LOADING = False
+from vdot_ext.utils import UnsafeCheckpointError, safe_torch_load
+
+_SAFE_LOADER_INSTALLED = False
+# what mmengine's plain CheckpointHook pickles into a checkpoint
+_HISTORY_BUFFER = 'HistoryBuffer'
 
 
-def _load_local_trusted(filename, map_location):
+def load_local_checkpoint(filename: str, map_location=None):
+    """mmengine's local-file checkpoint loader, rebuilt on ``safe_torch_load``.
+
+    Loads with ``weights_only=True`` and our explicit allow-list
+    (docs/DESIGN.md §8), so a ``--resume`` or ``load_from`` never runs code
+    from the file; the message hub, which ``VDOTCheckpointHook`` stores in
+    plain tensors, is turned back into ``HistoryBuffer`` objects.
+    """
+    from .checkpointing import restore_plain_containers
     filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    # mmengine checkpoints pickle the message hub and config next to the
-    # tensors; torch >= 2.6 rejects them with weights_only=True. These are the
-    # user's own local training checkpoints.
-    return torch.load(filename, map_location=map_location, weights_only=False)
+    try:
+        checkpoint = safe_torch_load(filename, map_location=map_location, field='checkpoint')
+    except UnsafeCheckpointError as exc:
+        if _HISTORY_BUFFER in str(exc):
+            raise UnsafeCheckpointError(
+                f'{exc} It looks like a checkpoint written by mmengine\'s plain CheckpointHook, which '
+                'pickles the message hub; vdot_ext configs save with VDOTCheckpointHook '
+                "(default_hooks.checkpoint.type='VDOTCheckpointHook').") from exc
+        raise
+    return restore_plain_containers(checkpoint)
+
+
+def install_safe_checkpoint_loader() -> None:
+    """Make mmengine load local checkpoints (``resume``, ``load_from``) with
+    :func:`load_local_checkpoint`. Process-wide and idempotent.
+
+    mmengine 0.10.x's own local loader calls ``torch.load`` without
+    ``weights_only``: with torch >= 2.6 (default ``True``) it rejects
+    mmengine's own checkpoints, and with full unpickling it would run any code
+    a crafted file carries. The one opt-in for trusted legacy files is
+    ``VDOT_EXT_TRUST_PICKLE=1``. Called by ``vdot_ext/tools/train.py`` and by
+    ``VDOTCheckpointHook.before_run``.
+    """
+    global _SAFE_LOADER_INSTALLED
+    if _SAFE_LOADER_INSTALLED:
+        return
+    CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
+    _SAFE_LOADER_INSTALLED = True
 
 
 def enable_trusted_local_checkpoints() -> None:
-    """Let mmengine 0.10.x resume from its own local checkpoints on torch >= 2.6.
-
-    mmengine's local loader calls ``torch.load`` without ``weights_only``;
-    torch 2.6 changed that default to True. This replaces mmengine's
-    local-file scheme with one that passes ``weights_only=False``. Called by
-    ``vdot_ext/tools/train.py``; idempotent.
-    """
-    global _TRUSTED_LOADING
-    if _TRUSTED_LOADING:
-        return
-    torch_major_minor = tuple(int(v) for v in torch.__version__.split('.')[:2])
-    if torch_major_minor >= (2, 6):
-        CheckpointLoader.register_scheme(prefixes='', force=True)(_load_local_trusted)
-    _TRUSTED_LOADING = True
+    """Deprecated name of :func:`install_safe_checkpoint_loader` (which, despite
+    this name, trusts nothing)."""
+    install_safe_checkpoint_loader()

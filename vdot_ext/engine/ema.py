@@ -1,14 +1,29 @@
-"""Exponential moving average of the generator, safe under ZeRO-3.
+"""Exponential moving average of the generator, safe under ZeRO-3
+(docs/DESIGN.md §7).
 
-    θ_ema ← d · θ_ema + (1 − d) · θ        after every generator update
+mmengine's ``ExponentialMovingAverage`` convention (``momentum`` m is the
+weight of the *new* value; ``m = 1 − decay``)::
 
-Under ZeRO-3 each rank keeps the EMA of only its own shard of every parameter
-(``param.ds_tensor``), so the EMA costs 4·N/world bytes per rank instead of
-4·N; a checkpoint gathers the shards into full tensors (a collective every
-rank joins) and a resume cuts them again. Without partitioning the EMA is a
-plain float32 copy. For a LoRA generator only the adapters are averaged (the
-base weights never change).
+    θ_ema ← (1 − m) · θ_ema + m · θ        after every generator update
+
+and, as mmengine's ``AveragedModel`` does, the first update (and every update
+before ``begin_iter``) copies θ. Under ZeRO-3 each rank keeps the EMA of only
+its own shard of every parameter (``param.ds_tensor``), so the EMA costs
+4·N/world bytes per rank instead of 4·N; a checkpoint gathers the shards into
+full tensors (a collective every rank joins) and a resume cuts them again.
+Without partitioning the EMA is a plain float32 copy. For a LoRA generator only
+the adapters are averaged (the base weights never change).
+
+Where the EMA goes:
+
+* every checkpoint: ``ema_state_dict`` (mmengine's key) holds the averaged
+  tensors under the module's own parameter names, and ``meta['ema']`` the
+  module name, momentum and number of updates;
+* the end of training: ``<work_dir>/ema_<module>.safetensors``;
+* :func:`ema_generator_state_dict` reads either back for export or evaluation.
 """
+import os.path as osp
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -17,8 +32,11 @@ import torch.nn as nn
 from mmengine.hooks import Hook
 
 from vdot_ext.registry import HOOKS
+from vdot_ext.utils import assert_finite_state_dict, is_main_process, load_tensor_file, save_safetensors, unwrap_model
 
-CHECKPOINT_KEY = 'generator_ema'
+CHECKPOINT_KEY = 'ema_state_dict'
+LEGACY_CHECKPOINT_KEY = 'generator_ema'  # before mmengine's naming
+META_KEY = 'ema'
 
 
 def _world():
@@ -32,10 +50,8 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.ds_tensor if hasattr(param, 'ds_tensor') else param.data
 
 
-def _unwrap(model):
-    while hasattr(model, 'module') and not hasattr(model, 'trainable_roles'):
-        model = model.module
-    return model
+def ema_file_name(module: str) -> str:
+    return f'ema_{module}.safetensors'
 
 
 @HOOKS.register_module()
@@ -43,28 +59,40 @@ class GeneratorEMAHook(Hook):
     """EMA of ``model.<module>`` (default the generator).
 
     Args:
-        decay: d.
+        momentum: m, the weight of the new parameters in each update
+            (mmengine's convention; ``momentum = 1 − decay``).
         module: attribute of the model to average.
-        start_iter: iterations before this copy the weights instead.
+        begin_iter: updates before iteration ``begin_iter`` (1-based count of
+            finished iterations, as mmengine's ``EMAHook``) copy the weights.
+        decay: deprecated; ``momentum = 1 − decay``.
     """
 
     priority = 'ABOVE_NORMAL'
 
-    def __init__(self, decay: float = 0.999, module: str = 'generator', start_iter: int = 0):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f'GeneratorEMAHook.decay must be in [0, 1], got {decay}')
-        self.decay = float(decay)
+    def __init__(self, momentum: Optional[float] = None, module: str = 'generator', begin_iter: int = 0,
+                 decay: Optional[float] = None):
+        if decay is not None:
+            if momentum is not None:
+                raise ValueError('GeneratorEMAHook: give momentum (= 1 - decay), not both')
+            warnings.warn('GeneratorEMAHook.decay is deprecated: use momentum = 1 - decay (mmengine\'s '
+                          'convention)', DeprecationWarning, stacklevel=2)
+            momentum = 1.0 - float(decay)
+        momentum = 0.001 if momentum is None else float(momentum)
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f'GeneratorEMAHook.momentum must be in (0, 1], got {momentum}')
+        self.momentum = momentum
         self.module_name = module
-        self.start_iter = int(start_iter)
+        self.begin_iter = int(begin_iter)
+        self.steps = 0
         self.names: List[str] = []
         self.params: List[nn.Parameter] = []
         self.shards: List[torch.Tensor] = []
-        self._pending: Optional[Dict[str, torch.Tensor]] = None
+        self._pending: Optional[dict] = None
 
     # ------------------------------------------------------------------
     def _bind(self, runner):
         from vdot_ext.models.lora import has_lora, is_lora_key
-        module = getattr(_unwrap(runner.model), self.module_name)
+        module = getattr(unwrap_model(runner.model), self.module_name)
         lora = has_lora(module)
         self.names, self.params = [], []
         for name, param in module.named_parameters():
@@ -77,19 +105,25 @@ class GeneratorEMAHook(Hook):
     def before_train(self, runner) -> None:
         if not self.params:
             self._bind(runner)
-        if self._pending is not None:
-            self.load_full_state_dict(self._pending)
-            self._pending = None
+        # only a resume continues the checkpoint's EMA; load_from starts anew
+        if self._pending is not None and runner.iter > 0:
+            self.load_full_state_dict(self._pending['state'])
+            self.steps = self._pending['steps']
+        self._pending = None
 
     @torch.no_grad()
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         trace = getattr(model, 'schedule_trace', None)
         if trace and trace[-1].generator is None:
             return   # the generator did not step this iteration (TTUR)
-        decay = 0.0 if runner.iter < self.start_iter else self.decay
+        copy = self.steps == 0 or runner.iter + 1 < self.begin_iter
         for shard, param in zip(self.shards, self.params):
-            shard.mul_(decay).add_(_local(param).float(), alpha=1.0 - decay)
+            if copy:
+                shard.copy_(_local(param))
+            else:   # mmengine ExponentialMovingAverage.avg_func
+                shard.lerp_(_local(param).float(), self.momentum)
+        self.steps += 1
 
     # ------------------------------------------------------------------
     def _gather_full(self, param, shard) -> torch.Tensor:
@@ -109,7 +143,8 @@ class GeneratorEMAHook(Hook):
     def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.names if n not in state]
         if missing:
-            raise KeyError(f'GeneratorEMAHook: checkpoint EMA lacks {missing[:5]}')
+            raise KeyError(f'GeneratorEMAHook: the checkpoint\'s {CHECKPOINT_KEY} lacks {missing[:5]} '
+                           f'of model.{self.module_name}')
         rank, world = _world()
         for i, (name, param) in enumerate(zip(self.names, self.params)):
             full = state[name].float()
@@ -122,15 +157,78 @@ class GeneratorEMAHook(Hook):
             else:
                 self.shards[i] = full.to(param.device).clone()
 
+    def _meta(self) -> dict:
+        return dict(module=self.module_name, momentum=self.momentum, steps=self.steps)
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         if not self.params:
             self._bind(runner)
         checkpoint[CHECKPOINT_KEY] = self.full_state_dict()
+        checkpoint.setdefault('meta', {})[META_KEY] = self._meta()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if CHECKPOINT_KEY not in checkpoint:
+        key = CHECKPOINT_KEY if CHECKPOINT_KEY in checkpoint else LEGACY_CHECKPOINT_KEY
+        if key not in checkpoint:
+            self._pending = None
             return
-        if self.params:
-            self.load_full_state_dict(checkpoint[CHECKPOINT_KEY])
-        else:   # plain Runner resumes before before_train binds the module
-            self._pending = checkpoint[CHECKPOINT_KEY]
+        meta = (checkpoint.get('meta') or {}).get(META_KEY) or {}
+        # a legacy checkpoint has no count: it had updated at least once
+        self._pending = dict(state=checkpoint[key], steps=int(meta.get('steps', 1)))
+
+    def after_train(self, runner) -> None:
+        """Write ``ema_<module>.safetensors`` in the work dir (gathered on
+        every rank, written by rank 0)."""
+        state = self.full_state_dict()
+        if is_main_process():
+            save_safetensors(state, osp.join(runner.work_dir, ema_file_name(self.module_name)),
+                             metadata=dict(self._meta(), iter=runner.iter))
+
+
+def ema_generator_state_dict(checkpoint: str, base: Optional[str] = None,
+                             module: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The EMA weights of ``module`` (default: the one the EMA was taken of,
+    usually ``generator``), as that module's state dict, for export and
+    evaluation: ``model.generator.load_state_dict(ema_generator_state_dict(p))``.
+
+    ``checkpoint``: an mmengine checkpoint (``iter_*.pth``: its
+    ``state_dict`` supplies the tensors the EMA does not cover, e.g. LoRA base
+    weights), a DeepSpeed-strategy checkpoint directory, or the
+    ``ema_<module>.safetensors`` written at the end of training. ``base``: a
+    file with the model's full state dict (``final_model.pth``, model-level
+    keys) to complete an EMA that covers part of the module; without one, and
+    when ``checkpoint`` holds no full weights, only the averaged tensors are
+    returned (for a full-parameter EMA, the whole module's parameters; for a
+    LoRA generator, its adapters). Everything is loaded safely; non-finite
+    values are an error naming the file.
+    """
+    weights: Dict[str, torch.Tensor] = {}
+    if checkpoint.endswith('.safetensors'):
+        from safetensors import safe_open
+        ema = load_tensor_file(checkpoint, field='EMA weights')
+        with safe_open(checkpoint, framework='pt') as f:
+            saved_module = (f.metadata() or {}).get('module')
+    else:
+        from .checkpointing import read_checkpoint
+        state = read_checkpoint(checkpoint)
+        key = CHECKPOINT_KEY if CHECKPOINT_KEY in state else LEGACY_CHECKPOINT_KEY
+        if key not in state:
+            raise KeyError(f'{checkpoint}: no {CHECKPOINT_KEY!r} entry (the run had no GeneratorEMAHook)')
+        ema = state[key]
+        saved_module = ((state.get('meta') or {}).get(META_KEY) or {}).get('module')
+        if not osp.isdir(checkpoint):  # a strategy folder's model weights live in the engine files
+            weights = {k: v for k, v in (state.get('state_dict') or {}).items() if isinstance(v, torch.Tensor)}
+    assert_finite_state_dict(ema, checkpoint, 'EMA weights')
+    module = module or saved_module or 'generator'
+    if saved_module and module != saved_module:
+        raise ValueError(f'{checkpoint}: the EMA is of model.{saved_module}, not model.{module}')
+    if base is not None:
+        weights = load_tensor_file(base, field='EMA base')
+    prefix = module + '.'
+    own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if own:
+        foreign = [k for k in ema if k not in own]
+        if foreign:
+            raise KeyError(f'{checkpoint}: EMA tensors {foreign[:5]} are not in model.{module} of '
+                           f'{base or checkpoint}')
+    own.update(ema)
+    return own

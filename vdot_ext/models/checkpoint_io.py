@@ -24,6 +24,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from vdot_ext.utils import assert_finite_state_dict
+
 PathLike = Union[str, os.PathLike]
 _GLOB_CHARS = set('*?[')
 _SHOW = 8  # keys listed per category in error messages
@@ -113,12 +115,18 @@ def convert_vace_state_dict(state_dict: Dict[str, torch.Tensor]
 def load_checkpoint_files(files: Sequence[str],
                           torch_dtype: Optional[torch.dtype] = None
                           ) -> Dict[str, torch.Tensor]:
-    """All tensors of ``files`` (diffsynth's loader), duplicates rejected."""
+    """All tensors of ``files`` (diffsynth's loader: safetensors, or torch
+    files with ``weights_only=True``), duplicates rejected. A file that fails
+    to load, or holds NaN/Inf, is an error naming it."""
     from diffsynth.core.loader.file import load_state_dict
     merged: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}
     for path in files:
-        part = load_state_dict(path, torch_dtype=torch_dtype, device='cpu')
+        try:
+            part = load_state_dict(path, torch_dtype=torch_dtype, device='cpu')
+        except Exception as exc:
+            raise ValueError(f'cannot load checkpoint file {path!r}: {exc}') from exc
+        assert_finite_state_dict(part, path)
         for key in part:
             if key in origin:
                 raise ValueError(

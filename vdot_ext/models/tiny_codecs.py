@@ -18,8 +18,9 @@ the same code paths as the 14B setup:
   small, with the pipeline's rule of zeroing embeddings past each prompt's
   length (diffsynth ``WanVideoUnit_PromptEmbedder.encode_prompt``).
 
-Checkpoints are single ``.pth`` files holding plain tensors/lists/dicts (safe
-for ``torch.load(weights_only=True)``).
+Checkpoints are single ``.pth`` files holding plain tensors/lists/dicts, written
+atomically (temporary file, then rename) and read with ``weights_only=True``
+(docs/DESIGN.md §8).
 """
 import hashlib
 import logging
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from vdot_ext.registry import MODELS
+from vdot_ext.utils import assert_finite_state_dict, safe_torch_load, save_torch
 
 
 def _default_logger() -> logging.Logger:
@@ -275,14 +277,18 @@ class TinyWanVAE(nn.Module):
                        state_dict={k: v.detach().clone() for k, v in self.model.state_dict().items()},
                        latent_mean=self.latent_mean.clone(), latent_std=self.latent_std.clone(),
                        extra=dict(extra or {}))
-        torch.save(payload, path)
+        save_torch(payload, path)
         return path
 
     @classmethod
     def load(cls, path: str) -> 'TinyWanVAE':
-        payload = torch.load(path, map_location='cpu', weights_only=True)
+        """Safe load (``weights_only=True``); NaN/Inf weights or latent
+        statistics are a ``NonFiniteError`` naming the file."""
+        payload = safe_torch_load(path, field='TinyWanVAE checkpoint')
         if not isinstance(payload, dict) or payload.get('kind') != 'TinyWanVAE':
             raise ValueError(f'{path}: not a TinyWanVAE checkpoint (missing kind="TinyWanVAE")')
+        assert_finite_state_dict(dict(payload['state_dict'], latent_mean=payload['latent_mean'],
+                                      latent_std=payload['latent_std']), path)
         vae = cls(**payload['config'])
         vae.model.load_state_dict(payload['state_dict'], strict=True)
         vae.set_latent_scale(payload['latent_mean'], payload['latent_std'])
@@ -550,14 +556,17 @@ class TinyTextEncoder(nn.Module):
     def save(self, path: str) -> str:
         payload = dict(kind='TinyTextEncoder', config=dict(self.config),
                        state_dict={k: v.detach().clone() for k, v in self.encoder.state_dict().items()})
-        torch.save(payload, path)
+        save_torch(payload, path)
         return path
 
     @classmethod
     def load(cls, path: str) -> 'TinyTextEncoder':
-        payload = torch.load(path, map_location='cpu', weights_only=True)
+        """Safe load (``weights_only=True``); NaN/Inf weights are a
+        ``NonFiniteError`` naming the file."""
+        payload = safe_torch_load(path, field='TinyTextEncoder checkpoint')
         if not isinstance(payload, dict) or payload.get('kind') != 'TinyTextEncoder':
             raise ValueError(f'{path}: not a TinyTextEncoder checkpoint (missing kind="TinyTextEncoder")')
+        assert_finite_state_dict(payload['state_dict'], path)
         encoder = cls(**payload['config'])
         encoder.encoder.load_state_dict(payload['state_dict'], strict=True)
         return encoder

@@ -10,7 +10,9 @@ VACE context blocks (``vace.``) keep their pretrained values.
 Sources: a state dict; an mmengine checkpoint of the stage-1 run (``.pth``
 with ``state_dict`` keys like ``generator.dit.blocks.0.self_attn.q.weight``);
 or local safetensors of a few-step Wan T2V release (read with diffsynth's
-loader and converters through ``checkpoint_io``).
+loader and converters through ``checkpoint_io``). Every source is loaded
+without unpickling code (docs/DESIGN.md §8) and must be finite: NaN/Inf is a
+``NonFiniteError`` naming the file.
 """
 import os
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from vdot_ext.models.checkpoint_io import (check_state_dict,
                                            load_wan_vace_state_dict)
 from vdot_ext.models.weights import read_state_dict
 from vdot_ext.registry import MODELS
+from vdot_ext.utils import assert_finite_state_dict
 
 _SHOW = 5
 
@@ -96,7 +99,9 @@ class VACEAccWanInit:
         if isinstance(self.source, dict):
             state = {k: v for k, v in self.source.items()
                      if isinstance(v, torch.Tensor)}
-        else:
+            assert_finite_state_dict(state, f'VACEAccWanInit.source '
+                                     f'{self._describe()}')
+        else:  # safe load (weights_only=True), finiteness checked
             state = read_state_dict(os.fspath(self.source),
                                     field='VACEAccWanInit.source')
         prefix = self.source_prefix

@@ -1,4 +1,4 @@
-"""Loading a module's weights from a local torch/mmengine checkpoint."""
+"""Loading a module's weights from a local safetensors/torch/mmengine checkpoint, safely."""
 import os
 import os.path as osp
 from typing import Dict, Sequence
@@ -7,31 +7,28 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
+from vdot_ext.utils import assert_finite_state_dict, load_tensor_file
+
 from .checkpoint_io import check_state_dict
 
 
 def read_state_dict(checkpoint: str, field: str = 'checkpoint') -> Dict[str, torch.Tensor]:
-    """The tensors of a local ``.pth``: an mmengine checkpoint (``state_dict``
-    entry), a DeepSpeed-style ``module``/``model`` entry, or a plain state dict.
-    Non-tensor entries are dropped.
+    """The tensors of a local checkpoint: safetensors, an mmengine checkpoint
+    (``state_dict`` entry), a DeepSpeed-style ``module``/``model`` entry, or a
+    plain state dict. Non-tensor entries are dropped.
 
-    mmengine checkpoints pickle more than tensors (message hub, config), which
-    torch ≥ 2.6's default ``weights_only=True`` rejects; these are the user's own
-    local files, so they are loaded with ``weights_only=False``.
+    Torch files load with ``weights_only=True`` and the allow-list of
+    ``vdot_ext.utils.safe_torch_load``: a file that would run code is refused
+    (docs/DESIGN.md §8). NaN/Inf in any tensor is a ``NonFiniteError`` naming
+    the file.
     """
     if not isinstance(checkpoint, (str, os.PathLike)) or not osp.isfile(checkpoint):
         raise FileNotFoundError(f'{field}: checkpoint file {checkpoint!r} does not exist')
-    obj = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    if not isinstance(obj, dict):
-        raise ValueError(f'{field}: {checkpoint} holds a {type(obj).__name__}, expected a '
-                         'state dict or an mmengine checkpoint dict')
-    for container in ('state_dict', 'module', 'model'):
-        if isinstance(obj.get(container), dict):
-            obj = obj[container]
-            break
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    checkpoint = os.fspath(checkpoint)
+    state = load_tensor_file(checkpoint, field=field)
     if not state:
         raise ValueError(f'{field}: {checkpoint} holds no tensors')
+    assert_finite_state_dict(state, f'{field}: {checkpoint}')
     return state
 
 
