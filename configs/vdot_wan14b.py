@@ -1,57 +1,41 @@
-# VDOT stage 2 on Wan2.1-VACE-14B with the paper's hyperparameters (DESIGN.md §6):
+# VDOT stage 2 on Wan2.1-VACE-14B with the paper's hyperparameters (docs/DESIGN.md §6):
 # AccWanInit (VACE-14B whose Wan blocks come from a few-step Wan2.1-T2V-14B),
 # OTD + DMD / GAN alternating, TTUR 5, 1200 steps, lr 1e-6 (G) / 4e-7 (critic),
 # Adam betas (0, 0.999), batch 1 per GPU, gradient checkpointing.
+# The model is _base_/models/vdot_wan_vace.py; this file sets the preset, the
+# weights, the discriminator taps and the learning rates.
 #
 #   mim train vdot_ext configs/vdot_wan14b.py --launcher pytorch --gpus 4 \
 #     --cfg-options \
-#       model.real_score.pretrained="['/ckpt/Wan2.1-VACE-14B/diffusion_pytorch_model-00001-of-00007.safetensors', ...]" \
+#       model.real_score.pretrained=/ckpt/Wan2.1-VACE-14B \
 #       model.generator_init.source=/work/stage1/final_model.pth \
 #       train_dataloader.dataset.manifest=/data/vcu/train.csv \
 #       train_dataloader.dataset.cache_dir=/data/vcu/cache
 #
 # Every '??? ...' value below is required; training refuses to start until all
 # are set and names the missing ones.
-_base_ = ['./_base_/default_runtime.py', './_base_/vdot_objectives.py',
+_base_ = ['./_base_/default_runtime.py', './_base_/models/vdot_wan_vace.py',
           './_base_/wan_vcu_training.py',
           './_base_/deepspeed_zero3.py']  # one DeepSpeed engine per role
 
 model = dict(
-    type='VDOTDistiller',
     # F_psi (frozen); G and F_phi start from it (Algorithm 1, Init)
     real_score=dict(
-        type='WanVACEScore',
         preset='wan2.1-vace-14b',
-        gradient_checkpointing=True,
-        pretrained='??? local safetensors of Wan2.1-VACE-14B (list of shard paths)'),
+        pretrained='??? local safetensors of Wan2.1-VACE-14B (a folder, an index.json or a list of '
+                   'shard paths)'),
     generator_init=dict(
-        type='VACEAccWanInit',
         source='??? the stage-1 few-step Wan2.1-T2V-14B (final_model.pth of '
-               'configs/vdot_wan14b_stage1.py, or safetensors of a step-distilled release)',
-        source_prefix='generator.'),
-    # 3 register tokens with a 512-d bottleneck on fake-score blocks 23, 31, 39
-    discriminator=dict(type='RegisterTokenDiscriminator', taps=(23, 31, 39),
-                       tokens_per_tap=1, bottleneck_dim=512, num_heads=8,
-                       use_time_emb=True),
-    otd_loss={{_base_.otd_loss}},
-    dmd_loss={{_base_.dmd_loss}},
-    denoising_loss={{_base_.denoising_loss}},
-    gan_loss={{_base_.gan_loss}},
-    dm_weights={{_base_.dm_weights}},
-    gen_every={{_base_.gen_every}},
-    generator_timesteps=(1000, 750, 500, 250),
-    generator_shift=5.0,
-    score_shift=5.0,
-    gan_shift=12.0,
-    guidance_scale=5.0,
-    use_vace_context=True)
+               'configs/vdot_wan14b_stage1.py, or safetensors of a step-distilled release)'),
+    # register tokens on fake-score blocks 23, 31, 39 (of 40)
+    discriminator=dict(taps=(23, 31, 39)))
 
 train_dataloader = dict(dataset=dict(
     manifest='??? a VCU manifest (CSV or JSONL) of the multi-task training data'))
 
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1200)
 
-# the paper's learning rates (DESIGN.md §6)
+# the paper's learning rates (docs/DESIGN.md §6)
 optim_wrapper = dict(generator=dict(optimizer=dict(lr=1e-6)),
                      critic=dict(optimizer=dict(lr=4e-7)))
 

@@ -1,7 +1,9 @@
-# VDOT stage 1 (DESIGN.md §6): few-step distillation of Wan2.1-T2V-14B with DMD on
+# VDOT stage 1 (docs/DESIGN.md §6): few-step distillation of Wan2.1-T2V-14B with DMD on
 # captions only; the critic (fake score) trains with the denoising loss.
 # 1500 steps, lr 2e-6 (G) / 4e-7 (critic), TTUR 5, Adam betas (0, 0.999),
 # batch 1 per GPU, gradient checkpointing, 4xH200 with DeepSpeed ZeRO-3 (bf16).
+# The model is _base_/models/vdot_wan_t2v.py; this file sets the preset, the
+# weights and the learning rates.
 #
 #   mim train vdot_ext configs/vdot_wan14b_stage1.py --launcher pytorch --gpus 4 \
 #     --cfg-options \
@@ -11,35 +13,23 @@
 #
 # Its final_model.pth is the AccWanInit source of configs/vdot_wan14b.py.
 # Memory: python -m vdot_ext.tools.plan_memory configs/vdot_wan14b_stage1.py --gpus 4
-_base_ = ['./_base_/default_runtime.py', './_base_/vdot_objectives.py',
+_base_ = ['./_base_/default_runtime.py', './_base_/models/vdot_wan_t2v.py',
           './_base_/wan_vcu_training.py',
           './_base_/deepspeed_zero3.py']
 
 model = dict(
-    type='VDOTDistiller',
     # F_psi: Wan2.1-T2V-14B (frozen); G and F_phi start from it (Algorithm 1, Init)
     real_score=dict(
-        type='WanVACEScore',
         preset='wan2.1-t2v-14b',
-        gradient_checkpointing=True,
         pretrained='??? local safetensors of Wan2.1-T2V-14B (a folder, an index.json '
-                   'or a list of shard paths)'),
-    dmd_loss={{_base_.dmd_loss}},
-    denoising_loss={{_base_.denoising_loss}},
-    otd_loss=None, gan_loss=None, discriminator=None,
-    gen_every={{_base_.gen_every}},
-    generator_timesteps=(1000, 750, 500, 250),
-    generator_shift=5.0,
-    score_shift=5.0,
-    guidance_scale=5.0,
-    use_vace_context=False)
+                   'or a list of shard paths)'))
 
 train_dataloader = dict(dataset=dict(
     manifest='??? a caption manifest (CSV or JSONL) for text-to-video distillation'))
 
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1500)
 
-# the paper's learning rates (DESIGN.md §6)
+# the paper's learning rates (docs/DESIGN.md §6)
 optim_wrapper = dict(generator=dict(optimizer=dict(lr=2e-6)),
                      critic=dict(optimizer=dict(lr=4e-7)))
 

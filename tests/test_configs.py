@@ -1,5 +1,9 @@
-"""The shipped configs: they load, hold the paper's numbers, fail clearly when a
-required field is unset, and the 14B recipe runs one iteration at tiny size."""
+"""The shipped configs: they load, every build spec names a registered type and
+its real keywords, the real-size leaves override only what differs from the
+model bases, they hold the paper's numbers, fail clearly when a required field
+is unset, and the 14B recipe runs one iteration at tiny size."""
+import glob
+import json
 import os.path as osp
 
 import pytest
@@ -8,13 +12,17 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-from vdot_ext.engine.config_checks import check_required_fields, find_required_fields
-from vdot_ext.engine.stages import validate_stages
+from vdot_ext.engine.config_checks import check_build_specs, check_required_fields, find_required_fields
+from vdot_ext.engine.stages import check_stages, config_diff, validate_stages
 from vdot_ext.registry import DATASETS, MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs', 'vdot_tiny.py')
 WAN14B = osp.join(ROOT, 'configs', 'vdot_wan14b.py')
+CONFIGS = sorted(p for p in glob.glob(osp.join(ROOT, 'configs', '**', '*.py'), recursive=True)
+                 if '_base_' not in p)
+# what a real-size leaf may set in the model of its base (preset, weights, taps)
+LEAF_MODEL_KEYS = {'real_score.preset', 'real_score.pretrained', 'generator_init.source', 'discriminator.taps'}
 TINY_ARCH = dict(dim=48, ffn_dim=96, num_heads=2, num_layers=4, text_dim=32, freq_dim=32)
 
 
@@ -23,7 +31,9 @@ class RandomVCUForConfigTest(Dataset):
 
     def __init__(self, n=4, frames=3):
         g = torch.Generator().manual_seed(0)
+        # negative_context: Wan's encoded negative prompt, the teacher's unconditional branch
         self.items = [dict(context=torch.randn(6, 32, generator=g),
+                           negative_context=torch.randn(6, 32, generator=g),
                            latents=torch.randn(16, frames, 8, 8, generator=g),
                            vace_context=torch.randn(96, frames, 8, 8, generator=g))
                       for _ in range(n)]
@@ -36,6 +46,42 @@ class RandomVCUForConfigTest(Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: osp.relpath(p, ROOT))
+def test_every_config_loads_and_names_registered_types_and_keywords(path):
+    cfg = Config.fromfile(path)
+    if 'stages' in cfg:
+        check_stages(cfg)      # types, keywords and '???' of every stage
+    else:
+        assert check_build_specs(cfg) == []
+
+
+@pytest.mark.parametrize('leaf, base', [
+    ('vdot_wan14b.py', 'vdot_wan_vace.py'), ('vdot_wan1.3b.py', 'vdot_wan_vace.py'),
+    ('vdot_wan14b_stage1.py', 'vdot_wan_t2v.py'), ('vdot_wan1.3b_stage1.py', 'vdot_wan_t2v.py')])
+def test_real_size_leaves_override_only_preset_weights_and_taps(leaf, base):
+    leaf_model = Config.fromfile(osp.join(ROOT, 'configs', leaf)).model.to_dict()
+    base_model = Config.fromfile(osp.join(ROOT, 'configs', '_base_', 'models', base)).model.to_dict()
+    changed = {path for path, _ in config_diff(json.loads(json.dumps(base_model)),
+                                               json.loads(json.dumps(leaf_model)))}
+    assert changed <= LEAF_MODEL_KEYS, changed
+    # the base leaves exactly those to the leaf
+    assert {path for path, _ in find_required_fields(base_model)} == LEAF_MODEL_KEYS & \
+        set(path for path, _ in find_required_fields(base_model))
+    assert find_required_fields(leaf_model) == [] or all(
+        path in LEAF_MODEL_KEYS for path, _ in find_required_fields(leaf_model))
+
+
+def test_wan1_3b_leaves_set_the_1_3b_preset_and_taps():
+    stage2 = Config.fromfile(osp.join(ROOT, 'configs', 'vdot_wan1.3b.py'))
+    stage1 = Config.fromfile(osp.join(ROOT, 'configs', 'vdot_wan1.3b_stage1.py'))
+    assert stage2.model.real_score.preset == 'wan2.1-vace-1.3b'
+    assert tuple(stage2.model.discriminator.taps) == (13, 21, 29)
+    assert stage1.model.real_score.preset == 'wan2.1-t2v-1.3b'
+    assert stage1.model.otd_loss is None and not stage1.model.use_vace_context
+    for cfg in (stage1, stage2):
+        assert cfg.strategy.config.zero_optimization.stage == 2
 
 
 def test_tiny_recipe_stages():

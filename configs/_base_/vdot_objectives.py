@@ -1,4 +1,4 @@
-# The VDOT stage-2 objectives (DESIGN.md §5, §6; VDOT paper §4, Algorithm 1).
+# The VDOT stage-2 objectives (docs/DESIGN.md §5, §6; VDOT paper §4, Algorithm 1).
 # Every entry can be replaced or set to None in a config: that is an ablation.
 
 # OTD: per-latent-frame tokens after 2x2 average pooling, entropic OT with
