@@ -1,4 +1,4 @@
-"""DMDLoss, DenoisingLoss and RelativisticGANLoss against their formulas (DESIGN.md §5)."""
+"""DMDLoss, DenoisingLoss and RelativisticGANLoss against their formulas (docs/DESIGN.md §5)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,19 +39,28 @@ def test_dmd_sign_moves_x_towards_teacher():
 
 
 def test_dmd_sigma_option():
+    """normalize='sigma' is the public stage-2 normaliser (bi_dmd_gan.py: grad · t/1000);
+    scale_by_sigma composes σ with another normaliser."""
     x, fake, real = _inputs(2)
     t = torch.tensor([250.0, 750.0])
-    loss_fn = MODELS.build(dict(type='DMDLoss', normalize='none', scale_by_sigma=True))
-    (grad, ) = torch.autograd.grad(loss_fn(x, fake, real, t), x)
-    expected = (fake - real) * (t / 1000).view(-1, 1, 1, 1, 1) / x.numel()
-    torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=1e-9)
-    with pytest.raises(ValueError, match='timestep'):
-        loss_fn(x, fake, real)
+    sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+    for cfg in (dict(normalize='sigma'), dict(normalize='none', scale_by_sigma=True)):
+        loss_fn = MODELS.build(dict(type='DMDLoss', **cfg))
+        (grad, ) = torch.autograd.grad(loss_fn(x, fake, real, t), x)
+        expected = (fake - real) * sigma / x.numel()
+        torch.testing.assert_close(grad, expected.to(grad.dtype), rtol=1e-5, atol=1e-9)
+        with pytest.raises(ValueError, match='timestep'):
+            loss_fn(x, fake, real)
+    both = MODELS.build(dict(type='DMDLoss', normalize='mean_abs', scale_by_sigma=True))
+    (grad, ) = torch.autograd.grad(both(x, fake, real, t), x)
+    norm = (x.detach() - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(grad, ((fake - real) / norm * sigma / x.numel()).to(grad.dtype),
+                               rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match='normalize'):
         MODELS.build(dict(type='DMDLoss', normalize='l3'))
 
 
-@pytest.mark.parametrize('normalize', ['mean_abs', 'none'])
+@pytest.mark.parametrize('normalize', ['mean_abs', 'sigma', 'none'])
 @pytest.mark.parametrize('bad_input', ['x', 'pred_fake_x0', 'pred_real_x0'])
 def test_dmd_nonfinite_input_is_an_error_not_a_zero_gradient(normalize, bad_input):
     """The public code's nan_to_num zeroes a NaN gradient silently; ours names the input and
@@ -63,7 +72,7 @@ def test_dmd_nonfinite_input_is_an_error_not_a_zero_gradient(normalize, bad_inpu
     inputs['x'].requires_grad_(True)
     loss_fn = MODELS.build(dict(type='DMDLoss', normalize=normalize))
     with pytest.raises(NonFiniteError, match=rf'{bad_input} in batch rows \[1\]'):
-        loss_fn(**inputs)
+        loss_fn(**inputs, t=torch.tensor([300.0, 600.0]))
     # an overflow from finite inputs is an error too
     huge = dict(x=x.float(), pred_fake_x0=fake.float() * 1e30, pred_real_x0=-real.float() * 1e30)
     with pytest.raises(NonFiniteError, match='overflow'):
@@ -90,6 +99,21 @@ def test_denoising_loss_is_velocity_mse():
     v, x0, eps = (torch.randn(2, 16, 2, 4, 4, generator=g) for _ in range(3))
     loss = MODELS.build(dict(type='DenoisingLoss', loss_weight=2.0))(v, x0, eps)
     torch.testing.assert_close(loss, 2.0 * ((v - (eps - x0)) ** 2).mean())
+
+
+def test_denoising_loss_x0_target_is_the_paper_form():
+    """target='x0' (VDOT Eq. 13): mean((x0_pred − x0)²) with x0_pred = x_t − σ·v_pred."""
+    g = torch.Generator().manual_seed(5)
+    v, x0, eps = (torch.randn(2, 16, 2, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([200.0, 900.0])
+    sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * eps
+    loss_fn = MODELS.build(dict(type='DenoisingLoss', target='x0'))
+    torch.testing.assert_close(loss_fn(v, x0, eps, t), ((x_t - sigma * v - x0) ** 2).mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match='timestep'):
+        loss_fn(v, x0, eps)
+    with pytest.raises(ValueError, match='target'):
+        MODELS.build(dict(type='DenoisingLoss', target='eps'))
 
 
 def test_relativistic_gan_losses():

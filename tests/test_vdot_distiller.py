@@ -1,9 +1,9 @@
-"""VDOTDistiller: the Algorithm 1 + TTUR schedule, role updates, rollout, logging."""
+"""VDOTDistiller: the Algorithm 1 + TTUR schedule, role updates, rollout, logging (docs/DESIGN.md §3, §6)."""
 import pytest
 import torch
 
 from vdot_ext.engine.optim import RoleOptimWrapperConstructor
-from vdot_ext.models.vdot_distiller import StepPlan, vdot_step_plan
+from vdot_ext.models.vdot_distiller import Step, StepPlan, vdot_step_plan
 from vdot_ext.registry import MODELS
 
 B, F, H, W, L = 2, 3, 8, 8, 6
@@ -34,7 +34,9 @@ def build_optim(model, lr=1e-3):
 def batch(vace=True):
     g = torch.Generator().manual_seed(1)
     data = dict(context=torch.randn(B, L, 32, generator=g),
-                latents=torch.randn(B, 16, F, H, W, generator=g))
+                latents=torch.randn(B, 16, F, H, W, generator=g),
+                # the encoded negative prompt: the CFG's unconditional branch (uncond='negative_prompt')
+                negative_context=torch.randn(B, L, 32, generator=g))
     if vace:
         data['vace_context'] = torch.randn(B, 96, F, H, W, generator=g)
     return data
@@ -48,7 +50,7 @@ def changed(module, before):
     return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
 
 
-# Hand-written from Algorithm 1 (objective parity) and TTUR 5 (DESIGN.md §6).
+# Hand-written from Algorithm 1 (objective parity) and TTUR 5 (docs/DESIGN.md §6).
 EXPECTED_FULL = [
     (0, 'dm', 'denoise'), (1, None, 'gan'), (2, None, 'denoise'), (3, None, 'gan'),
     (4, None, 'denoise'), (5, 'gan', 'gan'), (6, None, 'denoise'), (7, None, 'gan'),
@@ -60,6 +62,8 @@ EXPECTED_FULL = [
 def test_step_plan_table():
     got = [(p.iteration, p.generator, p.critic)
            for p in (vdot_step_plan(k, 5, gan=True, dm=True) for k in range(16))]
+    # the generator steps first, then the critic
+    assert [s.role for s in vdot_step_plan(0, 5, True, True).steps] == ['generator', 'critic']
     assert got == EXPECTED_FULL
     # GAN off (stage 1): every generator step is distribution matching
     stage1 = [vdot_step_plan(k, 5, gan=False, dm=True) for k in range(11)]
@@ -72,7 +76,9 @@ def test_step_plan_table():
 
 def test_schedule_trace_and_which_roles_change():
     """Run 11 real iterations: the recorded trace follows Algorithm 1 and the
-    parameters that change are exactly those of the role the plan names."""
+    parameters that change are exactly those of the role the plan names. The critic's
+    GAN step trains the fake score too (gan_critic_trains='fake_score_and_heads', the
+    public code; 'heads' is tested in test_authors_options.py)."""
     model = build_distiller()
     optim = build_optim(model)
     data = batch()
@@ -84,17 +90,20 @@ def test_schedule_trace_and_which_roles_change():
         plan = model.schedule_trace[-1]
         assert (plan.iteration, plan.generator, plan.critic) == EXPECTED_FULL[k]
         assert changed(model.generator, gen) == (plan.generator is not None), k
-        assert changed(model.fake_score, fake) == (plan.critic == 'denoise'), k
+        assert changed(model.fake_score, fake), k                   # denoising and GAN critic steps
         assert changed(model.discriminator, disc) == (plan.critic == 'gan'), k
         # every loss term computed is logged
         expected = {'loss_critic_denoise'} if plan.critic == 'denoise' else {'loss_critic_gan'}
         expected |= {'nonfinite_skips_generator', 'nonfinite_skips_critic'}   # 0: all finite
         if plan.generator == 'dm':
-            expected |= {'loss_gen_otd', 'loss_gen_dmd', 'otd_iters', 'otd_row_err',
-                         'otd_col_err', 'dmd_grad_norm'}
+            expected |= {'surrogate_gen_otd', 'loss_gen_dmd', 'otd_iters', 'otd_row_err',
+                         'otd_col_err', 'otd_w_eps', 'otd_grad_norm', 'dmd_grad_norm',
+                         'gen_x_grad_norm_otd', 'gen_x_grad_norm_dmd', 'gen_x_cos_otd_dmd',
+                         'gen_x_share_otd', 'gen_x_share_dmd'}
         if plan.generator == 'gan':
-            expected |= {'loss_gen_gan'}
+            expected |= {'loss_gen_gan', 'gen_x_grad_norm_gan'}
         assert expected <= set(log), (k, sorted(log))
+        assert 'loss_gen_otd' not in log          # the constant OTD surrogate is not a loss curve
         assert all(torch.isfinite(torch.as_tensor(v)).all() for v in log.values())
         assert float(log['nonfinite_skips_generator']) == float(log['nonfinite_skips_critic']) == 0
     assert not changed(model.real_score, teacher)
@@ -111,7 +120,8 @@ def test_iteration_counter_resumes_schedule():
     restored = build_distiller()
     restored.load_state_dict(model.state_dict())
     restored.train_step(batch(), build_optim(restored))
-    assert restored.schedule_trace[-1] == StepPlan(3, None, 'gan')
+    assert restored.schedule_trace[-1] == vdot_step_plan(3, 5, gan=True, dm=True)
+    assert restored.schedule_trace[-1] == StepPlan(3, (Step('critic', 'gan'), ))
 
 
 def test_exit_step_same_on_every_rank_and_varies():
@@ -150,7 +160,7 @@ def test_teacher_cfg_formula():
     with torch.no_grad():
         got = model.teacher_x0(x_t, t, cond)
         v_c = model.real_score(x_t, t, cond['context'], cond['vace_context'])
-        v_u = model.real_score(x_t, t, torch.zeros_like(cond['context']), cond['vace_context'])
+        v_u = model.real_score(x_t, t, cond['negative_context'], cond['vace_context'])
     v = v_u + 4.0 * (v_c - v_u)
     torch.testing.assert_close(got, x_t - 0.6 * v, rtol=1e-5, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""VDOT distillation model: generator, real/fake score, discriminator (DESIGN.md §3, §6).
+"""VDOT distillation model: generator, real/fake score, discriminator (docs/DESIGN.md §3, §5, §6).
 
 One class serves both stages; the config decides which objectives are on:
 
@@ -6,60 +6,170 @@ One class serves both stages; the config decides which objectives are on:
 * stage 2 (VACE, VCU data): ``0.8·OTD + 0.2·DMD`` / GAN, alternating (Algorithm 1
   of the VDOT paper) with the TTUR of DMD2 (generator every ``gen_every`` steps).
 
-Every role steps through :class:`~vdot_ext.models.guarded_step.NonFiniteGuard`: a step
-whose loss or gradients are not finite is skipped, counted and logged with the batch's
-sample ids (docs/DESIGN.md §11).
+What runs at iteration k is a step plan from the config's ``schedule`` (:mod:`.step_plans`;
+Algorithm 1 by default, or any cyclic list of steps such as MoGAN's order). Every step steps
+its role through :class:`~vdot_ext.models.guarded_step.NonFiniteGuard`: a step whose loss or
+gradients are not finite is skipped, counted and logged with the batch's sample ids
+(docs/DESIGN.md §11).
+
+Generator steps measure the gradient each objective puts on the generator sample x̂0 before
+it reaches the generator (docs/DESIGN.md §5, "What the logs show"): the term is evaluated at
+a detached copy x of x̂0, its gradient g = ∂L/∂x is taken there, and the generator is
+back-propagated with the linear surrogate ⟨x̂0, sg(g)⟩, whose parameter gradient J_θᵀ g is
+the chain rule of the original term exactly. So the logs can report ‖g‖, cosines and shares
+of every term at no extra backward pass, and the balanced weighting can act on g.
 """
 import copy
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
 
+from vdot_ext.losses.dmd_loss import normalize_displacement
 from vdot_ext.registry import MODELS
+from vdot_ext.utils import NonFiniteError
 
 from .checkpoint_io import check_state_dict
 from .flow_matching import (add_noise, few_step_timesteps, sample_timesteps,
-                            x0_from_velocity)
-from .guarded_step import NonFiniteGuard
+                            shift_timesteps, x0_from_velocity)
+from .guarded_step import GuardedStep, NonFiniteGuard
+from .step_plans import (Step, StepPlan, StepSchedule, VDOTAlgorithm1, build_schedule,
+                         vdot_step_plan)
 from .weights import load_weights
 
+__all__ = ['VDOTDistiller', 'StepPlan', 'Step', 'vdot_step_plan', 'distribution_matching_gradients',
+           'gradient_stats']
 
-@dataclass(frozen=True)
-class StepPlan:
-    """What iteration ``k`` does: which objective each role steps with.
+DM_WEIGHTINGS = ('parity', 'balanced')
+GAN_CRITIC_TRAINS = ('fake_score_and_heads', 'heads')
+SCORE_T_CLAMPS = ('before_shift', 'after_shift')
+UNCONDS = ('negative_prompt', 'zeros')
 
-    ``generator`` is ``'dm'`` (OTD/DMD), ``'gan'`` or ``None`` (no update);
-    ``critic`` is ``'denoise'`` (fake score) or ``'gan'`` (discriminator).
+
+def _choice(name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f'VDOTDistiller.{name} (model.{name}) must be one of {allowed}, got {value!r}')
+    return value
+
+
+def _nonfinite(term: str, grad: torch.Tensor) -> None:
+    if not bool(torch.isfinite(grad).all()):
+        rows = (~torch.isfinite(grad)).reshape(grad.shape[0], -1).any(1).nonzero().flatten().tolist()
+        raise NonFiniteError(f'VDOTDistiller: the {term} gradient on the generator sample is not finite in '
+                             f'batch rows {rows}')
+
+
+def distribution_matching_gradients(x: torch.Tensor, pred_fake_x0: torch.Tensor, pred_real_x0: torch.Tensor,
+                                    t: torch.Tensor, otd_loss: Optional[nn.Module],
+                                    dmd_loss: Optional[nn.Module], weights: Dict[str, float],
+                                    weighting: str = 'parity', ot_debias: bool = True):
+    """The weighted OTD and DMD terms and the gradient each puts on the generator sample x (docs/DESIGN.md §5).
+
+    Args:
+        x: the generator sample, a leaf that requires grad (float32).
+        pred_fake_x0, pred_real_x0: the fake score's and the teacher's x0 at the same noisy sample of x.
+        t: the timestep of that sample, per batch element.
+        otd_loss, dmd_loss: the loss modules (None = off).
+        weights: ``{'otd': w_otd, 'dmd': w_dmd}``.
+        weighting: 'parity' or 'balanced' (below).
+        ot_debias: balanced only: subtract the OT displacement of the fake cloud onto itself.
+
+    ``parity`` (the public VDOT code, ``training/model/bi_dmd_gan.py`` ``generator_loss``:
+    ``0.2 * dmd_loss + 0.8 * otg_loss``): each loss with its native scale,
+
+        g_OT  = w_otd·λ_otd·c·ĝ          (OTD's normalised step, sum reduction, docs/DESIGN.md Eq. 15)
+        g_DMD = w_dmd·λ_dmd·N(D_DMD)/n    (DMD's step, mean reduction, Eq. 11)
+
+    ``balanced``: both terms are displacements in latent units, put through DMD's normaliser N and the same
+    mean reduction, so w_otd and w_dmd weigh commensurable steps and the OT step vanishes as the two clouds meet:
+
+        D_DMD = x0_fake − x0_real
+        D_OT  = H·W·(∇_a W_ε(a, b) − ∇_a W_ε(a, a))    (per pixel: a_i − b̄_i − (a_i − ā_i), b̄_i = Σ_j T_ij b_j/(T1)_i)
+        g_i   = w_i·λ_i·N(D_i)/n,   n = numel(x)
+
+    H·W·∇_a W_ε (uniform token masses 1/I, I = HW/k², pooling adjoint 1/k²) is the barycentric displacement
+    a_i − b̄_i of each token towards its transport targets. Its entropic bias (a cloud moved towards its own
+    ε-smoothed copy even when fake = real) is removed by the second term (the Sinkhorn divergence's gradient,
+    Feydy et al. 2019), so D_OT = 0 exactly when fake = real. N is ``dmd_loss``'s normaliser (mean|x − x0_real|
+    per sample by default; the same 'mean_abs' when DMD is off). Balanced needs ``otd_loss.normalize='none'``
+    (the raw envelope gradient); OTD's ``grad_scale`` is the parity step size and is not used.
+
+    Returns:
+        ``(values, grads, stats)``: ``values[name]`` the term's (surrogate) value, ``grads[name]`` = ∂value/∂x,
+        ``stats`` floats (the losses' ``last_stats``; balanced adds 'otd_displacement_norm').
+
+    Raises:
+        NonFiniteError: from the losses, or when a gradient on x is not finite.
     """
-    iteration: int
-    generator: Optional[str]
-    critic: str
+    values, grads, stats = {}, {}, {}
+    numel = x.numel()
+    if weighting == 'parity':
+        for name, loss in (('otd', otd_loss), ('dmd', dmd_loss)):
+            if loss is None:
+                continue
+            args = (x, pred_fake_x0, pred_real_x0) + ((t, ) if name == 'dmd' else ())
+            value = weights[name] * loss(*args)
+            stats.update(loss.last_stats)
+            (grad, ) = torch.autograd.grad(value, x)
+            values[name], grads[name] = value, grad
+    elif weighting == 'balanced':
+        if dmd_loss is not None:
+            normalize = dmd_loss.normalize_displacement
+        else:
+            def normalize(d, x_, real, t_):
+                return normalize_displacement(d, x_, real, t_, 'mean_abs', owner='VDOTDistiller(balanced)')
+        if otd_loss is not None:
+            hw = x.shape[-2] * x.shape[-1]
+            with torch.no_grad():
+                own = otd_loss.ot_gradient(pred_fake_x0, pred_fake_x0) if ot_debias else 0.0
+                displacement = hw * (otd_loss.ot_gradient(pred_fake_x0, pred_real_x0) - own)
+            otd_stats = dict(otd_loss.last_stats)
+            otd_stats.pop('otd_step_norm', None)   # parity's c·‖ĝ‖: not what balanced applies
+            otd_stats['otd_displacement_norm'] = float(displacement.norm())
+            stats.update(otd_stats)
+            step = normalize(displacement, x, pred_real_x0, t)
+            scale = weights['otd'] * float(getattr(otd_loss, 'loss_weight', 1.0))
+            grads['otd'] = scale * step / numel
+            values['otd'] = scale * 0.5 * step.square().mean()
+        if dmd_loss is not None:
+            step = dmd_loss.dmd_gradient(x, pred_fake_x0, pred_real_x0, t)      # N(x0_fake − x0_real)
+            stats.update(dmd_loss.last_stats)
+            scale = weights['dmd'] * float(dmd_loss.loss_weight)
+            grads['dmd'] = scale * step / numel
+            values['dmd'] = scale * 0.5 * step.square().mean()
+    else:
+        raise ValueError(f'unknown dm_weighting {weighting!r}; expected one of {DM_WEIGHTINGS}')
+    for name, grad in grads.items():
+        _nonfinite(name.upper(), grad)
+    return values, grads, stats
 
 
-def vdot_step_plan(k: int, gen_every: int, gan: bool, dm: bool) -> StepPlan:
-    """Algorithm 1 + TTUR (DESIGN.md §6).
+def gradient_stats(grads: Dict[str, torch.Tensor], prefix: str = 'gen_x') -> Dict[str, float]:
+    """‖g_i‖, each term's share ‖g_i‖ / Σ_j ‖g_j‖ and, for two terms, their cosine (docs/DESIGN.md §5).
 
-    The critic steps every iteration, the generator every ``gen_every``.
-    With the GAN on, even k is distribution matching (generator OTD/DMD,
-    critic denoising) and odd k adversarial (generator and discriminator GAN).
-    """
-    adversarial = gan and k % 2 == 1
-    critic = 'gan' if adversarial else 'denoise'
-    generator = None
-    if k % gen_every == 0:
-        generator = 'gan' if adversarial else ('dm' if dm else None)
-    return StepPlan(k, generator, critic)
+    Keys: ``<prefix>_grad_norm_<name>``, ``<prefix>_share_<name>`` (with two or more terms) and
+    ``<prefix>_cos_<a>_<b>`` (with exactly two)."""
+    norms = {name: float(g.float().norm()) for name, g in grads.items()}
+    stats = {f'{prefix}_grad_norm_{name}': value for name, value in norms.items()}
+    if len(grads) >= 2:
+        total = sum(norms.values())
+        for name, value in norms.items():
+            stats[f'{prefix}_share_{name}'] = value / total if total > 0 else 0.0
+    if len(grads) == 2:
+        (a, ga), (b, gb) = grads.items()
+        denom = norms[a] * norms[b]
+        dot = float((ga.double().flatten() * gb.double().flatten()).sum())
+        stats[f'{prefix}_cos_{a}_{b}'] = dot / denom if denom > 0 else 0.0
+    return stats
 
 
 @MODELS.register_module()
 class VDOTDistiller(BaseModel):
     """Few-step video generator distilled with DMD, OTD and a register-token GAN.
 
-    Roles (DESIGN.md §3): ``generator`` G_θ (trainable), ``real_score`` F_ψ
+    Roles (docs/DESIGN.md §3): ``generator`` G_θ (trainable), ``real_score`` F_ψ
     (frozen teacher), ``fake_score`` F_φ (trainable critic) and
     ``discriminator`` D_τ (trainable, reads F_φ's hidden states). The trainable
     roles seen by the optimizer are ``generator`` and ``critic`` (F_φ + D_τ).
@@ -85,17 +195,48 @@ class VDOTDistiller(BaseModel):
             switches the term off (ablations are config changes).
         dm_weights: weights of OTD and DMD in the generator's distribution
             matching objective (public VDOT code: 0.8 / 0.2).
-        gen_every: TTUR ratio (generator steps once per ``gen_every``).
+        dm_weighting: 'parity' (default for now, the public code: each term at its native scale) or
+            'balanced' (both terms as displacements on DMD's scale; the OT step vanishes when fake = real).
+            Formulas: :func:`distribution_matching_gradients`. The default is to be chosen by the toy
+            benchmark (issue 11 §3); until then it is the public code's behaviour.
+        balanced_ot_debias: balanced only: remove the entropic self-bias of the OT displacement (one more
+            Sinkhorn solve, of the fake cloud onto itself).
+        schedule: the step plan (docs/DESIGN.md §6): None = ``VDOTAlgorithm1(gen_every)``; a
+            ``dict(type=...)`` of :data:`~vdot_ext.models.step_plans.STEP_PLANS`; or a cyclic list of steps
+            ``dict(role=..., objective=..., repeat=1)`` (see :mod:`vdot_ext.models.step_plans`).
+        gen_every: TTUR ratio of ``VDOTAlgorithm1`` (the generator steps once per ``gen_every``; default 5);
+            must stay None with another schedule.
+        gan_critic_trains: what the critic's GAN step trains. 'fake_score_and_heads' (default; the public
+            code: ``training/trainer/distillation_vace.py`` ``train`` sets ``fake_score.requires_grad_(True)``
+            for every critic step, and ``critic_loss`` runs the fake score with gradients on odd steps) or
+            'heads' (VDOT Algorithm 1 line 22: only τ; the fake score gives hidden states without gradients).
+        gan_critic_shared_noise: the critic's GAN step noises the fake and the real latents with the same ε
+            (default True; the public code's ``critic_loss`` reuses ``critic_noise``). The generator's GAN step
+            draws them independently, as the public ``generator_loss`` does.
         generator_timesteps: the few-step schedule before shifting.
         generator_shift: shift applied to ``generator_timesteps``.
-        score_shift, gan_shift, min_t, max_t: timestep sampling (§4).
+        score_shift, gan_shift, min_t, max_t: timestep sampling (docs/DESIGN.md §4, Eq. 5).
+        score_t_clamp: how DMD/OTD and denoising timesteps meet [min_t, max_t]. 'before_shift' (default; the
+            public stage-2 code, ``bi_dmd_gan.py``: ``randint(min_step=20, max_step=980)``, then the shift,
+            then ``clamp(20, 980)``): t = clamp(shift(U[min_t, max_t)), min_t, max_t), so the smallest t is
+            shift_5(20) ≈ 92.6. 'after_shift': t = clamp(shift(U[0, 1000)), min_t, max_t), smallest t = min_t
+            (Self-Forcing's stage-1 ``dmd.py``). GAN timesteps always use 'after_shift' (the public code draws
+            them from [0, 1000) before the shift).
         guidance_scale: teacher CFG ``v = v_u + w (v_c − v_u)``; 1 = no CFG.
+        uncond: the unconditional branch of the teacher's CFG. 'negative_prompt' (default; the public code
+            encodes Wan's negative prompt, ``distillation_vace.py`` ``sample_neg_prompt``): the batch must
+            carry ``negative_context`` whenever guidance_scale != 1, else a ``KeyError``. 'zeros': an all-zero
+            text embedding (a teacher trained with zeroed-text dropout, e.g. the tiny demo's).
         use_vace_context: feed ``vace_context`` from the data to all scores.
         seed: seeds the rollout's exit step (identical on all ranks).
         max_consecutive_nonfinite: a role whose step is skipped this many times in a
             row (non-finite loss or gradients) stops training with ``RuntimeError``.
             Consecutive counts the role's own steps: the generator's are
             ``gen_every`` iterations apart.
+
+    Extending (docs/DESIGN.md §6, §13): a recipe with other objectives overrides
+    :meth:`available_objectives` and :meth:`step_losses` (and :meth:`role_modules` for new roles); the
+    schedule, the guarded step per role and the logging stay as they are.
     """
 
     TRAINABLE_ROLES = ('generator', 'critic')
@@ -115,25 +256,37 @@ class VDOTDistiller(BaseModel):
                  denoising_loss: Optional[dict] = dict(type='DenoisingLoss'),
                  gan_loss: Optional[dict] = None,
                  dm_weights: Optional[dict] = None,
-                 gen_every: int = 5,
+                 dm_weighting: str = 'parity',
+                 balanced_ot_debias: bool = True,
+                 schedule=None,
+                 gen_every: Optional[int] = None,
+                 gan_critic_trains: str = 'fake_score_and_heads',
+                 gan_critic_shared_noise: bool = True,
                  generator_timesteps: Sequence[float] = (1000, 750, 500, 250),
                  generator_shift: float = 5.0,
                  score_shift: float = 5.0,
                  gan_shift: float = 12.0,
                  min_t: float = 20.0,
                  max_t: float = 980.0,
+                 score_t_clamp: str = 'before_shift',
                  guidance_scale: float = 1.0,
+                 uncond: str = 'negative_prompt',
                  use_vace_context: bool = True,
                  seed: int = 0,
                  max_consecutive_nonfinite: int = 10,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if gen_every < 1:
-            raise ValueError(f'VDOTDistiller.gen_every must be >= 1, got {gen_every}')
         if denoising_loss is None:
             raise ValueError('VDOTDistiller.denoising_loss is required: the fake '
                              'score must track the generator (DMD/OTD need it)')
+        self.dm_weighting = _choice('dm_weighting', dm_weighting, DM_WEIGHTINGS)
+        self.gan_critic_trains = _choice('gan_critic_trains', gan_critic_trains, GAN_CRITIC_TRAINS)
+        self.score_t_clamp = _choice('score_t_clamp', score_t_clamp, SCORE_T_CLAMPS)
+        self.uncond = _choice('uncond', uncond, UNCONDS)
+        self.gan_critic_shared_noise = bool(gan_critic_shared_noise)
+        if not 0.0 <= min_t < max_t <= 1000.0:
+            raise ValueError(f'VDOTDistiller: need 0 <= min_t < max_t <= 1000, got min_t={min_t}, max_t={max_t}')
 
         # --- roles -----------------------------------------------------
         self.real_score = MODELS.build(real_score)
@@ -181,8 +334,23 @@ class VDOTDistiller(BaseModel):
             raise ValueError(f'VDOTDistiller.dm_weights: unknown keys {sorted(unknown)}; '
                              "expected 'otd' and/or 'dmd'")
         self.dm_weights = weights
+        self.balanced_ot_debias = bool(balanced_ot_debias)
+        if self.dm_weighting == 'balanced' and self.otd_loss is not None \
+                and getattr(self.otd_loss, 'normalize', 'none') != 'none':
+            raise ValueError("VDOTDistiller(dm_weighting='balanced') reads OTD's raw envelope gradient: set "
+                             f"model.otd_loss.normalize='none' (got {self.otd_loss.normalize!r}); "
+                             'balanced mode applies its own normalisation (docs/DESIGN.md §5)')
 
-        self.gen_every = gen_every
+        # --- schedule (docs/DESIGN.md §6) ---------------------------------
+        is_algorithm1 = schedule is None or isinstance(schedule, VDOTAlgorithm1) or (
+            isinstance(schedule, dict) and schedule.get('type') in ('VDOTAlgorithm1', VDOTAlgorithm1))
+        if gen_every is not None and not is_algorithm1:
+            raise ValueError('VDOTDistiller: model.gen_every is the TTUR ratio of VDOTAlgorithm1; with the '
+                             f'schedule {schedule!r} set gen_every=None (the schedule says when each role steps)')
+        self.schedule: StepSchedule = build_schedule(schedule, gen_every)
+        self.schedule.bind(self.available_objectives(), field='model.schedule')
+        self.gen_every = getattr(self.schedule, 'gen_every', None)
+
         self.register_buffer(
             'generator_timesteps',
             few_step_timesteps(generator_timesteps, generator_shift),
@@ -194,7 +362,7 @@ class VDOTDistiller(BaseModel):
         self.use_vace_context = use_vace_context
         self.seed = seed
         # iteration counter: saved with the weights so a resumed run continues
-        # the Algorithm-1 schedule where it stopped
+        # the schedule where it stopped
         self.register_buffer('iteration', torch.zeros((), dtype=torch.long))
         # skip counters per role: buffers too, so they survive resume
         self.nonfinite_guard = NonFiniteGuard(self.TRAINABLE_ROLES, max_consecutive_nonfinite,
@@ -204,36 +372,39 @@ class VDOTDistiller(BaseModel):
     # ------------------------------------------------------------------
     # roles, for optimizers and strategies
     # ------------------------------------------------------------------
+    def role_modules(self, role: str) -> Dict[str, nn.Module]:
+        """The modules of a trainable role by attribute name (to name parameters in messages)."""
+        if role == 'generator':
+            return dict(generator=self.generator)
+        if role == 'critic':
+            named = dict(fake_score=self.fake_score)
+            if self.discriminator is not None:
+                named['discriminator'] = self.discriminator
+            return named
+        raise KeyError(f'unknown role {role!r}; roles are {self.TRAINABLE_ROLES}')
+
     def trainable_roles(self) -> Dict[str, List[nn.Module]]:
-        critic = [self.fake_score]
-        if self.discriminator is not None:
-            critic.append(self.discriminator)
-        return {'generator': [self.generator], 'critic': critic}
+        return {role: list(self.role_modules(role).values()) for role in self.TRAINABLE_ROLES}
 
     def _critic_modules(self) -> Dict[str, nn.Module]:
-        """The critic's modules by attribute name (to name parameters in messages)."""
-        named = dict(fake_score=self.fake_score)
-        if self.discriminator is not None:
-            named['discriminator'] = self.discriminator
-        return named
+        return self.role_modules('critic')
 
     def frozen_roles(self) -> Dict[str, nn.Module]:
         return {'real_score': self.real_score}
 
     def role_param_groups(self, role: str) -> List[dict]:
-        if role == 'generator':
-            return [dict(name='generator', params=list(self.generator.parameters()))]
-        if role == 'critic':
-            groups = [dict(name='fake_score', params=list(self.fake_score.parameters()))]
-            if self.discriminator is not None:
-                groups.append(dict(name='discriminator',
-                                   params=list(self.discriminator.parameters())))
-            return groups
-        raise KeyError(f'unknown role {role!r}; roles are {self.TRAINABLE_ROLES}')
+        return [dict(name=name, params=list(module.parameters()))
+                for name, module in self.role_modules(role).items()]
+
+    def available_objectives(self) -> Dict[str, Tuple[str, ...]]:
+        """``{role: objectives}`` this model can step (a schedule is checked against it)."""
+        gan = self.gan_loss is not None
+        dm = self.dmd_loss is not None or self.otd_loss is not None
+        return {'generator': (('dm', ) if dm else ()) + (('gan', ) if gan else ()),
+                'critic': ('denoise', ) + (('gan', ) if gan else ())}
 
     def plan(self, k: int) -> StepPlan:
-        dm = self.dmd_loss is not None or self.otd_loss is not None
-        return vdot_step_plan(k, self.gen_every, self.gan_loss is not None, dm)
+        return self.schedule.plan(k)
 
     # ------------------------------------------------------------------
     # conditioning and sampling
@@ -245,8 +416,7 @@ class VDOTDistiller(BaseModel):
                                f'{key!r} (keys: {sorted(data)})')
         context = data['context']
         cond = dict(context=context,
-                    negative_context=data.get('negative_context',
-                                              torch.zeros_like(context)),
+                    negative_context=self._negative_context(data),
                     vace_context=None,
                     shape=tuple(data['latents'].shape),
                     real_latents=data['latents'])
@@ -257,11 +427,32 @@ class VDOTDistiller(BaseModel):
             cond['vace_context'] = data['vace_context']
         return cond
 
+    def _negative_context(self, data: dict) -> Optional[torch.Tensor]:
+        """The CFG's unconditional text embedding (None without CFG)."""
+        if self.guidance_scale == 1.0:
+            return None
+        context = data['context']
+        if self.uncond == 'zeros':
+            return torch.zeros_like(context)
+        negative = data.get('negative_context')
+        if negative is None:
+            raise KeyError(
+                "VDOTDistiller(uncond='negative_prompt', guidance_scale="
+                f"{self.guidance_scale}): the data batch has no 'negative_context' (keys: {sorted(data)}). "
+                "Encode Wan's negative prompt into the data (precompute_vcu --negative-prompt, or the "
+                "dataset's negative_prompt), or set model.uncond='zeros' for a teacher whose "
+                'unconditional branch is an all-zero text embedding')
+        if negative.shape[0] != context.shape[0] or negative.shape[-1] != context.shape[-1] \
+                or negative.ndim != context.ndim:
+            raise ValueError(f"VDOTDistiller: the batch's negative_context {tuple(negative.shape)} does not "
+                             f'match its context {tuple(context.shape)} (batch and embedding dims)')
+        return negative
+
     def _score_x0(self, score, x_t, t, cond, **kw):
         return score.predict_x0(x_t, t, cond['context'], cond['vace_context'], **kw)
 
     def teacher_x0(self, x_t, t, cond):
-        """Teacher x0 with classifier-free guidance on the text (§4)."""
+        """Teacher x0 with classifier-free guidance on the text (docs/DESIGN.md §4, Eq. 8)."""
         v = self.real_score(x_t, t, cond['context'], cond['vace_context'])
         if self.guidance_scale != 1.0:
             v_u = self.real_score(x_t, t, cond['negative_context'], cond['vace_context'])
@@ -270,7 +461,8 @@ class VDOTDistiller(BaseModel):
 
     def exit_step(self, k: int) -> int:
         """The rollout's exit step at iteration k: a function of (seed, k) only,
-        so every rank draws the same one without communication."""
+        so every rank draws the same one without communication. All steps of
+        iteration k share it."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         return int(torch.randint(len(self.generator_timesteps), (1, ), generator=g))
 
@@ -310,8 +502,19 @@ class VDOTDistiller(BaseModel):
                     shape=tuple(noise.shape if noise is not None else shape))
         return self.rollout(cond, exit_step=None, grad=False)
 
-    def _sample_t(self, batch: int, shift: float, device) -> torch.Tensor:
-        return sample_timesteps(batch, shift, self.min_t, self.max_t).to(device)
+    def sample_t(self, batch: int, kind: str, device=None) -> torch.Tensor:
+        """Timesteps for ``kind`` 'score' (DMD, OTD, denoising) or 'gan' (docs/DESIGN.md §4, Eq. 5)."""
+        if kind == 'gan':
+            t = sample_timesteps(batch, self.gan_shift, self.min_t, self.max_t)
+        elif kind == 'score' and self.score_t_clamp == 'after_shift':
+            t = sample_timesteps(batch, self.score_shift, self.min_t, self.max_t)
+        elif kind == 'score':
+            # the public stage-2 code: the range is applied before the shift (smallest t = shift(min_t))
+            u = self.min_t + (self.max_t - self.min_t) * torch.rand(batch)
+            t = shift_timesteps(u, self.score_shift).clamp(self.min_t, self.max_t)
+        else:
+            raise ValueError(f"sample_t: kind must be 'score' or 'gan', got {kind!r}")
+        return t.to(device) if device is not None else t
 
     def _disc_logits(self, x_t, t, cond):
         _, feats = self.fake_score(x_t, t, cond['context'], cond['vace_context'],
@@ -322,36 +525,46 @@ class VDOTDistiller(BaseModel):
     # objectives
     # ------------------------------------------------------------------
     def generator_losses(self, cond: dict, objective: str, exit_step: int):
-        """Generator losses for ``objective`` ('dm' or 'gan') and OT/DMD stats."""
+        """Generator losses for ``objective`` ('dm' or 'gan') and their statistics.
+
+        Each term is evaluated at a detached copy x of the generator sample x̂0; its gradient g on x is
+        taken there (logged: ``gen_x_grad_norm_<term>``, shares, cosine) and reaches the generator through
+        ``value + ⟨x̂0 − sg(x̂0), sg(g)⟩``, whose value is the term's and whose gradient is J_θᵀ g.
+        """
         x0 = self.rollout(cond, exit_step, grad=True)
-        batch, device = x0.shape[0], x0.device
-        losses, stats = {}, {}
+        x = x0.detach().float().requires_grad_(True)
+        batch, device = x.shape[0], x.device
+        stats: Dict[str, float] = {}
         if objective == 'dm':
             # score both networks on the same noisy sample of the detached x0
-            t = self._sample_t(batch, self.score_shift, device)
-            x_t = add_noise(x0.detach(), torch.randn_like(x0), t)
+            t = self.sample_t(batch, 'score', device)
+            x_t = add_noise(x.detach(), torch.randn_like(x), t)
             with torch.no_grad():
                 pred_fake = self._score_x0(self.fake_score, x_t, t, cond).float()
                 pred_real = self.teacher_x0(x_t, t, cond)
-            if self.otd_loss is not None:
-                losses['loss_gen_otd'] = self.dm_weights['otd'] * self.otd_loss(
-                    x0, pred_fake, pred_real)
-                stats.update(self.otd_loss.last_stats)
-            if self.dmd_loss is not None:
-                losses['loss_gen_dmd'] = self.dm_weights['dmd'] * self.dmd_loss(
-                    x0, pred_fake, pred_real, t)
-                stats.update(self.dmd_loss.last_stats)
+            values, grads, stats = distribution_matching_gradients(
+                x, pred_fake, pred_real, t, self.otd_loss, self.dmd_loss, self.dm_weights,
+                self.dm_weighting, self.balanced_ot_debias)
+            # OTD's value is a constant by construction (parity): not a loss curve
+            names = dict(otd='surrogate_gen_otd', dmd='loss_gen_dmd')
         elif objective == 'gan':
-            # real and fake noised at the same GAN timestep (eq. 11)
-            t = self._sample_t(batch, self.gan_shift, device)
-            x_t_fake = add_noise(x0, torch.randn_like(x0), t)
-            x_t_real = add_noise(cond['real_latents'].float(), torch.randn_like(x0), t)
+            # real and fake noised at the same GAN timestep (eq. 11), independent noise (public generator_loss)
+            t = self.sample_t(batch, 'gan', device)
+            x_t_fake = add_noise(x, torch.randn_like(x), t)
+            x_t_real = add_noise(cond['real_latents'].float(), torch.randn_like(x), t)
             logits_fake = self._disc_logits(x_t_fake, t, cond)
             with torch.no_grad():
                 logits_real = self._disc_logits(x_t_real, t, cond)
-            losses['loss_gen_gan'] = self.gan_loss(logits_fake, logits_real, 'generator')
+            value = self.gan_loss(logits_fake, logits_real, 'generator')
+            (grad, ) = torch.autograd.grad(value, x)
+            _nonfinite('GAN', grad)
+            values, grads = dict(gan=value), dict(gan=grad)
+            names = dict(gan='loss_gen_gan')
         else:
             raise ValueError(f'unknown generator objective {objective!r}')
+        stats.update(gradient_stats(grads))
+        delta = x0.float() - x0.detach().float()          # 0 in value, identity in gradient
+        losses = {names[name]: values[name].detach() + (delta * grads[name]).sum() for name in values}
         return losses, stats
 
     def critic_losses(self, cond: dict, objective: str, exit_step: int) -> dict:
@@ -360,18 +573,20 @@ class VDOTDistiller(BaseModel):
             x0 = self.rollout(cond, exit_step, grad=False).float()
         batch, device = x0.shape[0], x0.device
         if objective == 'denoise':
-            t = self._sample_t(batch, self.score_shift, device)
+            t = self.sample_t(batch, 'score', device)
             noise = torch.randn_like(x0)
             v = self.fake_score(add_noise(x0, noise, t), t, cond['context'],
                                 cond['vace_context'])
-            return {'loss_critic_denoise': self.denoising_loss(v, x0, noise)}
+            return {'loss_critic_denoise': self.denoising_loss(v, x0, noise, t)}
         if objective == 'gan':
-            # Algorithm 1, line 22: only the discriminator τ is updated; the fake
-            # score supplies hidden states without gradients.
-            t = self._sample_t(batch, self.gan_shift, device)
-            x_t_fake = add_noise(x0, torch.randn_like(x0), t)
-            x_t_real = add_noise(cond['real_latents'].float(), torch.randn_like(x0), t)
-            with torch.no_grad():
+            t = self.sample_t(batch, 'gan', device)
+            noise_fake = torch.randn_like(x0)
+            noise_real = noise_fake if self.gan_critic_shared_noise else torch.randn_like(x0)
+            x_t_fake = add_noise(x0, noise_fake, t)
+            x_t_real = add_noise(cond['real_latents'].float(), noise_real, t)
+            # 'heads' (Algorithm 1, line 22): the fake score supplies hidden states without gradients;
+            # 'fake_score_and_heads' (public code): the GAN loss trains the fake score too
+            with torch.set_grad_enabled(self.gan_critic_trains == 'fake_score_and_heads'):
                 feats = [self.fake_score(x, t, cond['context'], cond['vace_context'],
                                          return_hidden_at=self.discriminator.taps)[1]
                          for x in (x_t_fake, x_t_real)]
@@ -381,23 +596,46 @@ class VDOTDistiller(BaseModel):
                                                      'discriminator')}
         raise ValueError(f'unknown critic objective {objective!r}')
 
+    def step_losses(self, role: str, objective: str, cond: dict,
+                    exit_step: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """``(losses, stats)`` of one step of ``role`` on ``objective`` (given to the guarded step)."""
+        if role == 'generator':
+            return self.generator_losses(cond, objective, exit_step)
+        if role == 'critic':
+            return self.critic_losses(cond, objective, exit_step), {}
+        raise KeyError(f'unknown role {role!r}; roles are {self.TRAINABLE_ROLES}')
+
     # ------------------------------------------------------------------
     # mmengine interface
     # ------------------------------------------------------------------
-    def _set_trainable(self, role: Optional[str]):
-        """Only ``role``'s modules require grad (None freezes all)."""
+    def _set_trainable(self, role: Optional[str], objective: Optional[str] = None):
+        """Only ``role``'s modules require grad (None freezes all); the critic's GAN step in
+        ``gan_critic_trains='heads'`` mode keeps the fake score frozen."""
         from .lora import set_requires_grad  # keeps LoRA base weights frozen
-        for name, modules in self.trainable_roles().items():
-            for module in modules:
+        for name in self.TRAINABLE_ROLES:
+            for module in self.role_modules(name).values():
                 set_requires_grad(module, name == role)
+        if role == 'critic' and objective == 'gan' and self.gan_critic_trains == 'heads':
+            set_requires_grad(self.fake_score, False)
+
+    def run_step(self, step: Step, optim_wrapper, cond: dict, data: dict, k: int,
+                 exit_step: int) -> GuardedStep:
+        """One guarded optimizer step of ``step.role`` on ``step.objective`` (docs/DESIGN.md §11)."""
+        self._set_trainable(step.role, step.objective)
+        modules = self.role_modules(step.role)
+        compute: Callable = lambda: self.step_losses(step.role, step.objective, cond, exit_step)  # noqa: E731
+        return self.nonfinite_guard.step(
+            step.role, optim_wrapper[step.role], next(iter(modules.values())), compute,
+            data=data, iteration=k, named_modules=modules)
 
     def train_step(self, data, optim_wrapper) -> Dict[str, torch.Tensor]:
-        """One iteration of Algorithm 1: maybe a generator step, then a critic step.
+        """One iteration: the steps of the schedule's plan for iteration k, in order.
 
         ``optim_wrapper`` is an ``OptimWrapperDict`` with ``generator`` and
         ``critic`` entries. Each step is guarded (docs/DESIGN.md §11): a non-finite
         loss or gradient skips that role's update. Returns every finite loss term
-        and OT statistic computed, and ``nonfinite_skips_<role>`` (total skips).
+        and statistic computed (a role stepping twice in one iteration logs its last
+        step), and ``nonfinite_skips_<role>`` (total skips).
 
         The ``iteration`` counter advances on every call, skipped steps included:
         the schedule and the exit step are functions of the number of batches
@@ -410,30 +648,19 @@ class VDOTDistiller(BaseModel):
         plan = self.plan(k)
         exit_step = self.exit_step(k)
         log: Dict[str, torch.Tensor] = {}
-        guard = self.nonfinite_guard
         try:
-            if plan.generator is not None:
-                self._set_trainable('generator')
-                done = guard.step(
-                    'generator', optim_wrapper['generator'], self.generator,
-                    lambda: self.generator_losses(cond, plan.generator, exit_step),
-                    data=data, iteration=k, named_modules=dict(generator=self.generator))
+            for step in plan.steps:
+                done = self.run_step(step, optim_wrapper, cond, data, k, exit_step)
                 log.update(done.losses)
                 log.update({k_: torch.tensor(float(v)) for k_, v in done.stats.items()})
-                log['gen_exit_step'] = torch.tensor(float(exit_step))
-
-            self._set_trainable('critic')
-            done = guard.step(
-                'critic', optim_wrapper['critic'], self.fake_score,
-                lambda: (self.critic_losses(cond, plan.critic, exit_step), {}),
-                data=data, iteration=k, named_modules=self._critic_modules())
-            log.update(done.losses)
+                if step.role == 'generator':
+                    log['gen_exit_step'] = torch.tensor(float(exit_step))
         finally:
             self._set_trainable(None)
 
         self.schedule_trace.append(plan)
         self.iteration += 1
-        log.update(guard.log_vars())
+        log.update(self.nonfinite_guard.log_vars())
         return log
 
     def forward(self, context, vace_context=None, latents=None, mode='tensor', **kwargs):
