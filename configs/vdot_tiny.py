@@ -78,6 +78,8 @@ stage2_model = dict(
     dm_weights={{_base_.dm_weights}},
     gen_every={{_base_.gen_every}},
     guidance_scale=teacher_guidance,
+    # the tiny teacher learns a zero-text null context (no Wan negative prompt)
+    uncond='zeros',
     use_vace_context=True)
 
 stage_order = ['codecs', 'teacher', 'stage1', 'stage2', 'evaluate']
@@ -108,6 +110,7 @@ stages = dict(
             denoising_loss={{_base_.denoising_loss}},
             gen_every={{_base_.gen_every}},
             guidance_scale=teacher_guidance,
+            uncond='zeros',
             use_vace_context=False),
         train_dataloader=dataloader(
             dict(train_videos, tasks=('t2v', ), with_vace_context=False), batch_size=4),

@@ -88,6 +88,8 @@ VISUALIZERS = Registry(
 LOG_PROCESSORS = Registry(
     'log_processor', parent=MMENGINE_LOG_PROCESSORS, scope=_SCOPE,
     locations=['vdot_ext.engine'])
+# training schedules: which role steps with which objective at iteration k
+STEP_PLANS = Registry('step plan', scope=_SCOPE, locations=['vdot_ext.models.step_plans'])
 # recipe steps run by the stage driver (e.g. codec preparation, evaluation)
 FUNCTIONS = Registry(
     'function', parent=MMENGINE_FUNCTIONS, scope=_SCOPE,
@@ -98,5 +100,5 @@ __all__ = [
     'HOOKS', 'LOOPS', 'OPTIMIZERS', 'OPTIM_WRAPPERS',
     'OPTIM_WRAPPER_CONSTRUCTORS', 'PARAM_SCHEDULERS', 'STRATEGIES', 'RUNNERS',
     'METRICS', 'EVALUATOR', 'VISBACKENDS', 'VISUALIZERS', 'LOG_PROCESSORS',
-    'FUNCTIONS'
+    'FUNCTIONS', 'STEP_PLANS'
 ]

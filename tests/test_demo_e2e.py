@@ -58,7 +58,7 @@ def _check_outputs(work_dir):
     from vdot_ext.engine.hooks import read_loss_curves
     losses = read_loss_curves(resolve_resume_checkpoint(osp.join(work_dir, 'stage2')))
     # stage 2 ran the distribution-matching generator step and both critic objectives
-    assert {'loss_gen_otd', 'loss_gen_dmd', 'loss_critic_denoise', 'loss_critic_gan'} <= set(losses)
+    assert {'surrogate_gen_otd', 'loss_gen_dmd', 'loss_critic_denoise', 'loss_critic_gan'} <= set(losses)
     with open(osp.join(work_dir, 'evaluate', 'metrics.json')) as f:
         metrics = json.load(f)
     assert set(metrics['metrics']) == set(TASKS)

@@ -35,7 +35,7 @@ def stage1_distiller(**overrides):
     """Stage-1 setup: tiny T2V teacher, DMD + denoising critic, OTD and GAN off."""
     cfg = dict(type='VDOTDistiller', real_score=dict(type='WanVACEScore', preset='tiny'),
                discriminator=None, gan_loss=None, otd_loss=None, dmd_loss=dict(type='DMDLoss'),
-               use_vace_context=False, gen_every=1, guidance_scale=2.0, seed=3)
+               use_vace_context=False, gen_every=1, guidance_scale=2.0, uncond='zeros', seed=3)
     cfg.update(overrides)
     torch.manual_seed(0)
     return MODELS.build(cfg)
@@ -49,7 +49,7 @@ def stage2_distiller(**overrides):
                otd_loss=dict(type='OTDLoss', epsilon=0.1, num_iters=20, pool_kernel=2),
                dmd_loss=dict(type='DMDLoss'),
                gan_loss=dict(type='RelativisticGANLoss', loss_weight=0.1),
-               gen_every=1, guidance_scale=2.0, seed=3)
+               gen_every=1, guidance_scale=2.0, uncond='zeros', seed=3)
     cfg.update(overrides)
     torch.manual_seed(0)
     return MODELS.build(cfg)

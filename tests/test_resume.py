@@ -100,7 +100,7 @@ def distiller():
                                    num_heads=2, use_time_emb=True),
                 otd_loss=dict(type='OTDLoss', epsilon=0.1, num_iters=10, pool_kernel=2),
                 dmd_loss=dict(type='DMDLoss'), gan_loss=dict(type='RelativisticGANLoss', loss_weight=0.1),
-                gen_every=2, guidance_scale=2.0, seed=3)
+                gen_every=2, guidance_scale=2.0, uncond='zeros', seed=3)
 
 
 def optim_wrapper(model):

@@ -182,6 +182,7 @@ _REGISTRY_HINTS = {
     'log_processor': 'LOG_PROCESSORS', 'strategy': 'STRATEGIES',
     'model_wrapper_cfg': 'MODEL_WRAPPERS',
     'val_evaluator': 'EVALUATOR', 'test_evaluator': 'EVALUATOR', 'metrics': 'METRICS',
+    'schedule': 'STEP_PLANS',
 }
 # keys a builder consumes before it calls the constructor
 _BUILDER_KEYS = {

@@ -25,13 +25,13 @@ objective whose loss is switched off (``gan_loss=None``) is a config error namin
 from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from mmengine.registry import Registry
+from vdot_ext.registry import STEP_PLANS
 
 __all__ = ['Step', 'StepPlan', 'vdot_step_plan', 'STEP_PLANS', 'StepSchedule', 'VDOTAlgorithm1',
            'CyclicStepPlan', 'build_schedule']
 
-# schedules are built from config dicts; they are not models, so they have their own registry
-STEP_PLANS = Registry('step plan', scope='vdot_ext')
+# schedules are built from config dicts; they are not models, so they have their
+# own registry (vdot_ext.registry.STEP_PLANS)
 
 
 @dataclass(frozen=True)

@@ -21,5 +21,9 @@ model = dict(
     generator_timesteps=(1000, 750, 500, 250),
     generator_shift=5.0,
     score_shift=5.0,
-    guidance_scale=5.0,
+    # Self-Forcing's stage-1 CFG: x0 = c + 3 (c - u), i.e. w = 4 in v_u + w (v_c - v_u);
+    # timesteps drawn on [0, 1000), shifted, then clamped to [20, 980] (docs/DESIGN.md §12)
+    guidance_scale=4.0,
+    score_t_clamp='after_shift',
+    uncond='negative_prompt',
     use_vace_context=False)

@@ -26,7 +26,9 @@ model = dict(
                        taps='??? three fake-score block indices (14B: (23, 31, 39); 1.3B: (13, 21, 29))',
                        tokens_per_tap=1, bottleneck_dim=512, num_heads=8, use_time_emb=True),
     otd_loss={{_base_.otd_loss}},
-    dmd_loss={{_base_.dmd_loss}},
+    # public VDOT stage 2 scales the DMD gradient by sigma = t/1000
+    # (hhhh1138/VDOT training/model/bi_dmd_gan.py, _compute_kl_grad; docs/DESIGN.md §12)
+    dmd_loss=dict(type='DMDLoss', normalize='sigma'),
     denoising_loss={{_base_.denoising_loss}},
     gan_loss={{_base_.gan_loss}},
     dm_weights={{_base_.dm_weights}},
@@ -36,5 +38,8 @@ model = dict(
     generator_shift=5.0,
     score_shift=5.0,
     gan_shift=12.0,
-    guidance_scale=5.0,
+    # teacher CFG v_u + 3 (v_c - v_u) with the Wan negative prompt as v_u
+    # (public VDOT configs/self_forcing_bi_gan.yaml; docs/DESIGN.md §12)
+    guidance_scale=3.0,
+    uncond='negative_prompt',
     use_vace_context=True)
