@@ -89,7 +89,7 @@ model = dict(
     otd_loss=None, dmd_loss=dict(type='DMDLoss'),
     gan_loss=dict(type='RelativisticGANLoss', loss_weight=0.1),
     {lora_line}
-    gen_every=2, guidance_scale=2.0, seed=3)
+    gen_every=2, guidance_scale=2.0, uncond='zeros', seed=3)
 train_dataloader = dict(batch_size=1, num_workers=0,
                         sampler=dict(type='InfiniteSampler', shuffle=True),
                         collate_fn=dict(type='default_collate'),

@@ -7,7 +7,9 @@
 strategy = dict(
     type='RoleDeepSpeedStrategy',
     config=dict(
-        bf16=dict(enabled=True),
+        # check_grad_overflow: DeepSpeed's overflow check, through which a
+        # non-finite step is skipped (DeepSpeedRoleOptimWrapper)
+        bf16=dict(enabled=True, check_grad_overflow=True),
         zero_optimization=dict(
             stage=3,
             overlap_comm=True,

@@ -26,8 +26,7 @@ Forward (Wan2.1, Wang et al. 2025; VACE, Jiang et al. 2025)::
     v      = unpatchify(head(x, e))
 """
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -65,9 +64,15 @@ _ARCH_FIELDS = ('dim', 'ffn_dim', 'num_heads', 'num_layers', 'text_dim',
                 'vace_layers', 'vace_in_dim')
 
 
-@dataclass
-class ScoreFeatures:
+class ScoreFeatures(NamedTuple):
     """What the score network exposes besides the velocity.
+
+    A NamedTuple, not a dataclass: ZeRO-3 finds a module's output tensors by
+    walking tuples, lists and dicts, and registers its backward hooks (which
+    gather the module's parameters, and the external ones of
+    ``_zero3_bypassed_modules``, before their gradients arrive) on them. A
+    gradient that reaches the network only through ``hidden`` (the
+    discriminator's GAN step training the fake score) needs those hooks.
 
     hidden:   hidden states after the requested main blocks (after the VACE
               hint of that block is added), each [B, f·h·w, dim], in the
@@ -199,6 +204,14 @@ class WanVACEScore(nn.Module):
         dtype: parameter dtype (e.g. 'bfloat16'); default float32 (random
             init) or the checkpoint's dtype (pretrained).
     """
+
+    # Facts the trainer reads from the model (diffusers style), docs/DESIGN.md §7:
+    # forward() runs each VACE block as ``DiTBlock.forward(block, ...)``
+    # (_vace_block), bypassing the block's ``__call__``, so ZeRO-3's gather hooks
+    # never fire for the block's own parameters (``modulation``). They are
+    # registered as external parameters of this module
+    # (vdot_ext.utils.zero.register_external_parameters).
+    _zero3_bypassed_modules = ('vace.vace_blocks',)
 
     def __init__(self,
                  preset: Optional[str] = None,
