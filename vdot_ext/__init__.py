@@ -18,6 +18,10 @@ _PUBLIC = {
     'OTDLoss': 'vdot_ext.losses.otd_loss',
     'DenoisingLoss': 'vdot_ext.losses.denoising_loss',
     'RelativisticGANLoss': 'vdot_ext.losses.gan_loss',
+    'LogisticGANLoss': 'vdot_ext.losses.logistic_gan_loss',
+    'MotionDiscriminator': 'vdot_ext.models.motion_discriminator',
+    'RAFTFlow': 'vdot_ext.models.optical_flow',
+    'LucasKanadeFlow': 'vdot_ext.models.optical_flow',
 }
 
 __all__ = sorted(_PUBLIC) + ['__version__']
