@@ -2,7 +2,7 @@
 
 Batched re-statement of diffsynth's ``WanVideoUnit_VACE.process``
 (diffsynth/pipelines/wan_video.py, after VACE, Jiang et al. 2025) working on
-tensors instead of PIL frames (DESIGN.md §4)::
+tensors instead of PIL frames (docs/DESIGN.md §4)::
 
     M̂         = 1[M > 0.5]                              binarised mask, 1 = generate
     inactive  = F · (1 − M̂)      → VAE → 16 ch          kept pixels

@@ -1,6 +1,6 @@
 """Reading VCU inputs from files: videos with decord, images with PIL.
 
-Geometry of one training sample (DESIGN.md §4; default 81 × 480 × 832):
+Geometry of one training sample (docs/DESIGN.md §4; default 81 × 480 × 832):
 
 * **Frame sampling.** ``num_frames`` (4k+1, what the Wan VAE needs) indices are
   taken from the frame range ``[start, end)`` of the file, beginning at

@@ -40,7 +40,7 @@ def test_paper_default_taps_validated_against_depth():
     d = RegisterTokenDiscriminator(model_dim=96, model_depth=40)
     assert d.taps == (23, 31, 39) and d.attn_dim == 512
     assert default_taps(40) == (23, 31, 39)
-    assert default_taps(30) == (13, 21, 29)  # 1.3B (DESIGN §6)
+    assert default_taps(30) == (13, 21, 29)  # 1.3B (docs/DESIGN.md §6)
     assert default_taps(4) == (2, 3)
     # the 14B taps on a 30-block model fail at build time
     with pytest.raises(ValueError, match='model_depth=30'):

@@ -1,4 +1,4 @@
-"""The one time/noise convention of vdot_ext (DESIGN.md §4).
+"""The one time/noise convention of vdot_ext (docs/DESIGN.md §4).
 
 Rectified-flow parameterisation used by Wan2.1::
 
@@ -76,7 +76,7 @@ def sample_timesteps(batch_size: int,
                      device=None) -> torch.Tensor:
     """Score timesteps: u ~ U[0,1), t = shift(1000·u), clamped to [min_t, max_t].
 
-    DESIGN.md §4: shift 5 for DMD/OTD/critic, shift 12 for the GAN.
+    docs/DESIGN.md §4: shift 5 for DMD/OTD/critic, shift 12 for the GAN.
     """
     u = torch.rand(batch_size, generator=generator)
     t = shift_timesteps(u * NUM_TRAIN_TIMESTEPS, shift).clamp(min_t, max_t)

@@ -5,7 +5,7 @@ denoised blocks of the fake score function F_φ. We introduce three learnable
 registration tokens that interact with the corresponding blocks through
 cross-attention. The resulting outputs are concatenated along the channel
 dimension and passed through a linear layer-based classifier that outputs
-classification logits." DESIGN.md §6 adds the public code's settings: a 512-d
+classification logits." docs/DESIGN.md §3 (Eq. 1) adds the public code's settings: a 512-d
 bottleneck, the optional time embedding, LayerNorm → Linear → SiLU → Linear.
 
 Per tap k (hidden states h_k [B, L, D] after main block taps[k])::

@@ -1,7 +1,7 @@
 """Wan2.1 DiT (+ optional VACE context blocks) as one score network.
 
 Used for every role of VDOT (generator G_θ, real score F_ψ, fake score F_φ):
-the module predicts the rectified-flow velocity ``v = ε − x0`` (DESIGN.md §4).
+the module predicts the rectified-flow velocity ``v = ε − x0`` (docs/DESIGN.md §4).
 
 The network itself is diffsynth's: ``self.dit`` is a
 ``diffsynth.models.wan_video_dit.WanModel`` and ``self.vace`` a
@@ -407,7 +407,7 @@ class WanVACEScore(nn.Module):
         b = x_t.shape[0]
         x_t = x_t.to(dtype)
         context = context.to(dtype)
-        # DESIGN §4: the timestep tensor given to the DiT has the DiT's dtype
+        # docs/DESIGN.md §4: the timestep tensor given to the DiT has the DiT's dtype
         # (sinusoidal_embedding_1d computes in float64, returns t's dtype)
         t = t.to(dtype).reshape(-1).expand(b)
 
