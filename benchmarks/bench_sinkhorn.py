@@ -8,13 +8,18 @@ counter (``echo 5 > /proc/self/clear_refs``), reads VmRSS as the baseline, runs 
 shapes before timing (compile time excluded). Marginal errors are recomputed afterwards in
 float64 from each method's output (plan, or potentials streamed block by block).
 
-Suites:
-  paper  21 frames × 1560 tokens × 16 ch, ε = 0.1, 60 iterations, the whole OTD gradient
+Suites (ε in units of the cost ½‖a − b‖², docs/DESIGN.md §9; 0.05 = the public code's 0.1 on ‖a − b‖²):
+  paper  21 frames × 1560 tokens × 16 ch, ε = 0.05, 60 iterations, the whole OTD gradient
          (pooling, solver, envelope gradient, adjoint, normalisation: ``OTDLoss.ot_gradient``),
          plus tolerance mode (column error ≤ 1e-3) and the public-VDOT pattern (per-frame loop,
          materialised cost, autograd through 60 unrolled iterations) on --public-frames frames,
          extrapolated linearly to 21 frames (time and memory: its graphs live until backward).
   large  I = J ∈ --sizes, D = 64, ε ∈ --eps-rel × mean cost, 30 iterations, solve only.
+  convergence  (in process) fixed iterations vs tolerance mode at --paper-eps on two separated clusters
+         (50/50 vs 80/20 mass, 1560 tokens × 16 ch) and on latent-like token clouds: iterations, time, true
+         column error, and the error of the normalised OT step (what OTDLoss applies) against a tol-1e-4 solve.
+  periter  (in process) tolerance-mode wall time per iteration at --periter-iters iteration counts on a tiny
+         unconverging problem: constant if nothing grows with the iteration count.
 
 Optional dependencies (benchmark only): ``pip install pot geomloss "jax[cpu]==0.8.*" ott-jax==0.6.0``.
 A missing one is reported as skipped with the reason, never silently.
@@ -23,6 +28,8 @@ Examples:
   python benchmarks/bench_sinkhorn.py --suite paper --jsonl /tmp/sk.jsonl
   python benchmarks/bench_sinkhorn.py --suite large --sizes 4096 16384 --jsonl /tmp/sk.jsonl
   python benchmarks/bench_sinkhorn.py --render /tmp/sk.jsonl --results benchmarks/RESULTS.md
+  python benchmarks/bench_sinkhorn.py --suite convergence --threads 2
+  python benchmarks/bench_sinkhorn.py --suite periter --periter-iters 1000 8000 --threads 1
 """
 from __future__ import annotations
 
@@ -184,6 +191,7 @@ def _run_public_vdot(spec, a, b, eps):
     log K = −C/ε, 60 unrolled log-domain iterations, T = exp(f + log K + g), loss Σ<T, C>,
     gradient w.r.t. the fake tokens by backprop through all iterations."""
     import torch
+
     from vdot_ext.losses.otd_loss import frames_to_tokens
     frames = spec['public_frames']
     ta_all = frames_to_tokens(a, 2)[:frames]
@@ -406,10 +414,11 @@ def render(rows, command=None):
     info = next((r['machine'] for r in rows if 'machine' in r), None)
     out = [SECTION, '']
     if info:
+        loads = '; '.join(sorted({r['machine']['date'] + ': ' + r['machine']['load'] for r in rows if 'machine' in r}))
         out += [f"Machine: {info['nproc']} cores ({info['cpu']}), torch {info['torch']}, "
                 f"{info['threads']} torch threads, Python {info['python']}; {info['date']}. "
                 f"Load averages (1/5/15 min) when each invocation started: "
-                f"{'; '.join(sorted({r['machine']['date'] + ': ' + r['machine']['load'] for r in rows if 'machine' in r}))}"
+                f"{loads}"
                 ' (the benchmark itself keeps about 2 threads busy; a higher load means other jobs shared the '
                 'machine): compare ratios within one table and CPU times rather than absolute wall times.', '']
     if command:
@@ -417,9 +426,11 @@ def render(rows, command=None):
     out += ['Peak extra memory: each method runs in its own subprocess; after imports, inputs and a warm-up '
             'the peak-RSS counter is reset (`/proc/self/clear_refs` = 5) and `VmHWM − VmRSS(before)` is '
             'reported. CPU time = process user+sys time of the run (all threads): less sensitive to other jobs '
-            'than wall time on a loaded machine. Marginal errors: L1, max over problems, recomputed in float64 from each method\'s '
-            'output (plan, or potentials streamed in blocks). JAX: compiled before timing.', '']
-    for suite, title in (('paper', 'Paper setting: 21 frames × 1560 tokens × 16 ch, ε = 0.1, whole OTD gradient'),
+            'than wall time on a loaded machine. Marginal errors: L1, max over problems, recomputed in float64 from '
+            'each method\'s output (plan, or potentials streamed in blocks). JAX: compiled before timing.', '']
+    paper_eps = sorted({r['eps'] for r in rows if r.get('suite') == 'paper' and 'eps' in r})
+    for suite, title in (('paper', 'Paper setting: 21 frames × 1560 tokens × 16 ch, ε = '
+                          f"{', '.join(f'{e:g}' for e in paper_eps) or '?'} (cost ½‖a − b‖²), whole OTD gradient"),
                          ('large', 'Large clouds: I = J, D = 64, 30 iterations, solve only')):
         order = PAPER_METHODS if suite == 'paper' else LARGE_METHODS
         sub = sorted((r for r in rows if r.get('suite') == suite),
@@ -427,7 +438,8 @@ def render(rows, command=None):
         if not sub:
             continue
         out += [f'### {title}', '',
-                '| problem | method | iters | wall time (s) | CPU time (s) | peak extra mem (MB) | row err | col err | note |',
+                '| problem | method | iters | wall time (s) | CPU time (s) | peak extra mem (MB) | row err | col err '
+                '| note |',
                 '|---|---|---|---|---|---|---|---|---|']
         for r in sub:
             prob = (f"{r['frames']}×{r['h'] * r['w']}×16, ε={r['eps']:g}" if suite == 'paper'
@@ -438,7 +450,8 @@ def render(rows, command=None):
                            f"{r['status']}: {r.get('reason', '')} |")
                 continue
             out.append(f"| {prob} | {METHOD_LABEL[r['method']]} | {r['iters']} | {_fmt(r['wall_s'], '{:.2f}')} | "
-                       f"{_fmt(r.get('cpu_s'), '{:.2f}')} | {_fmt(r['peak_extra_mb'], '{:.0f}')} | {_fmt(r['row_err'], '{:.1e}')} | "
+                       f"{_fmt(r.get('cpu_s'), '{:.2f}')} | {_fmt(r['peak_extra_mb'], '{:.0f}')} | "
+                       f"{_fmt(r['row_err'], '{:.1e}')} | "
                        f"{_fmt(r['col_err'], '{:.1e}')} | {note} |")
         out.append('')
         # ratios measured in the same run
@@ -480,10 +493,92 @@ def write_results(path, section_md):
         fh.write(text)
 
 
+# ----------------------------------------------------------------------------- in-process suites
+def _convergence_cases(frames, seed):
+    """name → (fake tokens, real tokens) [frames, 1560, 16]."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    n, d = 1560, 16
+
+    def clusters(sep, w):
+        x = torch.randn(frames, n, d, generator=gen)
+        k = int(round(n * w))
+        x[:, :k, 0] += sep / 2
+        x[:, k:, 0] -= sep / 2
+        return x
+
+    spec = dict(suite='paper', seed=seed, frames=frames, h=30, w=52)
+    fake_lat, real_lat = _make_inputs(spec)          # the paper suite's correlated predictions
+    from vdot_ext.losses.otd_loss import frames_to_tokens
+    fake_tok, real_tok = frames_to_tokens(fake_lat, 2), frames_to_tokens(real_lat, 2)
+    near = fake_tok + 0.1 * torch.randn(fake_tok.shape, generator=gen)
+    return {
+        'two clusters, separation 8, mass 50/50 → 80/20': (clusters(8, 0.5), clusters(8, 0.8)),
+        'two clusters, separation 12, mass 50/50 → 80/20': (clusters(12, 0.5), clusters(12, 0.8)),
+        'latent-like: real = 0.7·shuffled fake + 0.7·noise': (fake_tok, real_tok),
+        'latent-like: real = fake + 0.1·noise (late training)': (fake_tok, near),
+    }
+
+
+def convergence_suite(args):
+    """Markdown: fixed iterations vs tolerance mode at ε = --paper-eps (docs/DESIGN.md §9)."""
+    import torch
+
+    from vdot_ext.ot import sinkhorn
+    torch.set_num_threads(args.threads)
+    eps = args.paper_eps
+    variants = [('fixed 60 (paper)', dict(num_iters=60)), ('fixed 200', dict(num_iters=200)),
+                ('tol 1e-2', dict(tol=1e-2, max_iters=20000)), ('tol 1e-3', dict(tol=1e-3, max_iters=20000))]
+    lines = [f'Fixed iterations vs tolerance mode, ε = {eps:g} (cost ½‖a − b‖²), {args.conv_frames} frame(s) × '
+             f'1560 tokens × 16 ch, float32, backend auto, {args.threads} threads. Step error: max over frames of '
+             '‖ĝ − ĝ*‖ with ĝ = g/‖g‖ per frame (the l2_frame step OTDLoss applies) and ĝ* from a tol 1e-4 solve.',
+             '', '| case | method | iters | wall (s) | true col err (max) | step error |', '|---|---|---|---|---|---|']
+
+    def unit(g):
+        return g.double() / g.double().flatten(1).norm(dim=1)[:, None, None]
+
+    for name, (a, b) in _convergence_cases(args.conv_frames, args.seed).items():
+        if args.conv_cases and not any(c in name for c in args.conv_cases):
+            continue
+        t0 = time.perf_counter()
+        ref = sinkhorn(a, b, eps, tol=1e-4, max_iters=20000, return_gradient=True)
+        lines.append(f'| {name} | reference (tol 1e-4) | {ref.iters} | {time.perf_counter() - t0:.2f} | '
+                     f'{float(ref.col_err.max()):.1e} | – |')
+        for label, kw in variants:
+            t0 = time.perf_counter()
+            r = sinkhorn(a, b, eps, return_gradient=True, **kw)
+            wall = time.perf_counter() - t0
+            err = float((unit(r.gradient) - unit(ref.gradient)).flatten(1).norm(dim=1).max())
+            note = '' if r.converged is not False else ' (cap)'
+            lines.append(f'| {name} | {label} | {r.iters}{note} | {wall:.2f} | {float(r.col_err.max()):.1e} | '
+                         f'{err:.1e} |')
+            print(lines[-1], flush=True)
+    return '\n'.join(lines) + '\n'
+
+
+def periter_suite(args):
+    """Markdown: tolerance-mode ms per iteration vs the iteration count (an unconverging tiny problem)."""
+    import torch
+
+    from vdot_ext.ot import sinkhorn
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    a = torch.randn(1, 64, 4, generator=gen) * 0.3
+    a[:, :32, 0] += 3
+    b = torch.randn(1, 64, 4, generator=gen) * 0.3
+    b[:, :12, 0] += 3                                  # unbalanced clusters at ε = 5e-4: thousands of iterations
+    lines = ['| max_iters | iterations run | ms / iteration |', '|---|---|---|']
+    for n in args.periter_iters:
+        t0 = time.perf_counter()
+        r = sinkhorn(a, b, 5e-4, tol=1e-5, max_iters=n, backend='fused_cpu')
+        lines.append(f'| {n} | {r.iters} | {1e3 * (time.perf_counter() - t0) / max(r.iters, 1):.3f} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument('--suite', choices=['paper', 'large', 'all'], default='all')
+    p.add_argument('--suite', choices=['paper', 'large', 'all', 'convergence', 'periter'], default='all')
     p.add_argument('--methods', nargs='*', default=None, help='subset of methods (default: all of the suite)')
     p.add_argument('--sizes', nargs='*', type=int, default=[4096, 16384, 32760])
     p.add_argument('--eps-rel', nargs='*', type=float, default=[0.05, 0.005])
@@ -491,7 +586,11 @@ def main(argv=None):
     p.add_argument('--frames', type=int, default=21)
     p.add_argument('--public-frames', type=int, default=2,
                    help='frames the public-VDOT pattern runs on (extrapolated to --frames)')
-    p.add_argument('--paper-eps', type=float, default=0.1)
+    p.add_argument('--paper-eps', type=float, default=0.05,
+                   help='ε of the paper and convergence suites, cost ½‖a − b‖² (0.05 = public code 0.1 on ‖a − b‖²)')
+    p.add_argument('--conv-frames', type=int, default=1, help='frames (problems) per convergence case')
+    p.add_argument('--conv-cases', nargs='*', default=None, help='subset of convergence cases (substring match)')
+    p.add_argument('--periter-iters', nargs='*', type=int, default=[1000, 8000])
     p.add_argument('--paper-iters', type=int, default=60)
     p.add_argument('--tol', type=float, default=1e-3)
     p.add_argument('--eps-scaling', type=float, default=0.5, help='ε-annealing factor of ours_fused_tol_scaling')
@@ -507,6 +606,13 @@ def main(argv=None):
 
     if args.worker:
         print('RESULT ' + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return
+
+    if args.suite == 'convergence':
+        print(convergence_suite(args))
+        return
+    if args.suite == 'periter':
+        print(periter_suite(args))
         return
 
     if args.render:
@@ -558,7 +664,8 @@ def main(argv=None):
         if args.jsonl:
             with open(args.jsonl, 'a') as fh:
                 fh.write(json.dumps(row) + '\n')
-    md = render(rows, args.command_note or [' '.join(['python', 'benchmarks/bench_sinkhorn.py'] + (argv or sys.argv[1:]))])
+    command = ' '.join(['python', 'benchmarks/bench_sinkhorn.py'] + (argv or sys.argv[1:]))
+    md = render(rows, args.command_note or [command])
     print(md)
     if args.results:
         write_results(args.results, md)

@@ -1,12 +1,14 @@
 """OTDLoss: envelope gradient against independent dense computations, pooling adjoint,
-normalisation, loss value/gradient scaling, stats and registry build."""
+normalisation, loss value/gradient scaling, stats (W_ε, gradient norms, true marginal errors), the ε unit,
+input checks (empty, non-finite) and registry build."""
 import math
 
 import pytest
 import torch
 
 from vdot_ext.losses.otd_loss import OTDLoss, frames_to_tokens, tokens_to_frames_adjoint
-from vdot_ext.ot import sinkhorn
+from vdot_ext.ot import marginal_errors, sinkhorn, sinkhorn_reference
+from vdot_ext.utils import NonFiniteError
 
 
 # ---------------------------------------------------------------- independent helpers (test-only)
@@ -226,7 +228,7 @@ def test_last_stats_fixed_and_tolerance_mode():
     shape = (2, 4, 2, 8, 8)
     fake, real = _latents(shape, 17, torch.float32), _latents(shape, 18, torch.float32)
     x = fake.clone().requires_grad_(True)
-    loss_fn = OTDLoss(epsilon=0.1, num_iters=7)
+    loss_fn = OTDLoss(epsilon=0.1, num_iters=7, tol=None)
     loss_fn(x, fake, real)
     stats = loss_fn.last_stats
     for key in ('otd_iters', 'otd_row_err', 'otd_col_err', 'otd_grad_norm'):
@@ -248,4 +250,121 @@ def test_build_from_registry_and_package_import():
     assert loss_fn.epsilon == 0.2 and loss_fn.num_iters == 10 and loss_fn.loss_weight == 0.8
     default = MODELS.build(dict(type='OTDLoss'))
     assert (default.epsilon, default.num_iters, default.pool_kernel, default.normalize, default.grad_scale) == \
-        (0.1, 60, 2, 'l2_frame', 0.1)
+        (0.05, 60, 2, 'l2_frame', 0.1)
+    assert (default.tol, default.max_iters, default.precision) == (1e-3, 2000, 'auto')
+
+
+# ---------------------------------------------------------------- the ε unit (public code: ε = 0.1 on ‖a − b‖²)
+def test_default_epsilon_is_the_public_codes_on_the_squared_distance():
+    """The public VDOT code: log K = −cdist(a, b)² / 0.1, log-domain Sinkhorn. Our cost is ½‖a − b‖², so the same
+    plan needs ε = 0.05; OTDLoss's default must give exactly that plan (and 0.1 must not)."""
+    gen = torch.Generator().manual_seed(21)
+    a = torch.randn(12, 4, generator=gen, dtype=torch.float64) * 0.3
+    b = torch.randn(10, 4, generator=gen, dtype=torch.float64) * 0.3 + 0.1
+    log_k = -torch.cdist(a, b).square() / 0.1                      # public code's kernel
+    f, g = torch.zeros(12, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    for _ in range(5000):
+        f = -math.log(12) - torch.logsumexp(log_k + g[None], dim=1)
+        g = -math.log(10) - torch.logsumexp(log_k + f[:, None], dim=0)
+    public_plan = torch.exp(f[:, None] + log_k + g[None])
+    ours = sinkhorn(a[None], b[None], OTDLoss().epsilon, tol=1e-12, return_plan=True).plan[0]
+    torch.testing.assert_close(ours, public_plan, rtol=1e-7, atol=1e-12)
+    twice_the_blur = sinkhorn(a[None], b[None], 0.1, tol=1e-12, return_plan=True).plan[0]
+    assert (twice_the_blur - public_plan).abs().max() > 1e-2 * public_plan.max()
+
+
+# ---------------------------------------------------------------- input checks
+@pytest.mark.parametrize('which', ['x', 'pred_fake_x0', 'pred_real_x0'])
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_input_is_named_before_the_solver(which, bad):
+    shape = (3, 2, 2, 4, 4)
+    inputs = {'x': _latents(shape, 30, torch.float32), 'pred_fake_x0': _latents(shape, 31, torch.float32),
+              'pred_real_x0': _latents(shape, 32, torch.float32)}
+    inputs[which][1, 0, 1, 2, 3] = bad
+    role = {'x': 'generator sample', 'pred_fake_x0': 'fake-score', 'pred_real_x0': 'real-score'}[which]
+    pattern = rf'^OTDLoss: NaN/Inf in {which} \({role}.*batch element\(s\) \[1\]'
+    with pytest.raises(NonFiniteError, match=pattern) as info:
+        OTDLoss(tol=None, num_iters=3)(inputs['x'], inputs['pred_fake_x0'], inputs['pred_real_x0'])
+    assert info.value.input_names == [which] and info.value.batch_indices == [1]
+    if which != 'x':
+        with pytest.raises(NonFiniteError, match=rf'in {which} '):
+            OTDLoss(tol=None, num_iters=3).ot_gradient(inputs['pred_fake_x0'], inputs['pred_real_x0'])
+
+
+def test_every_non_finite_input_is_named():
+    shape = (2, 2, 1, 4, 4)
+    x, fake, real = (_latents(shape, s, torch.float32) for s in (33, 34, 35))
+    fake[0, 0, 0, 0, 0] = float('nan')
+    real[1, 0, 0, 0, 0] = float('nan')
+    with pytest.raises(NonFiniteError, match=r'pred_fake_x0 .*\[0\].*pred_real_x0 .*\[1\]') as info:
+        OTDLoss()(x, fake, real)
+    assert info.value.batch_indices == [0, 1]
+
+
+@pytest.mark.parametrize('shape', [(0, 4, 2, 4, 4), (2, 4, 0, 4, 4), (1, 4, 2, 0, 4)])
+def test_empty_batch_is_a_value_error_naming_the_argument(shape):
+    x = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r'^OTDLoss: x \(generator sample\) is empty'):
+        OTDLoss()(x, x, x)
+    with pytest.raises(ValueError, match=r'^OTDLoss: pred_fake_x0 \(fake-score x0 prediction\) is empty'):
+        OTDLoss().ot_gradient(x, x)
+
+
+# ---------------------------------------------------------------- what is logged
+def test_last_stats_report_w_eps_gradient_norms_and_true_marginal_errors():
+    shape = (2, 3, 2, 4, 6)                            # 4 problems × 6 tokens × 3 channels
+    fake = _latents(shape, 40)
+    real = _latents(shape, 41) * 0.7 + 0.4
+    x = _latents(shape, 42).requires_grad_(True)
+    eps, c, w = 0.25, 0.1, 0.8
+    loss_fn = OTDLoss(epsilon=eps, grad_scale=c, loss_weight=w, tol=1e-12, max_iters=20000)
+    loss = loss_fn(x, fake, real)
+    loss.backward()
+    stats = loss_fn.last_stats
+    # W_ε per problem from the dense plan: <T, C> + ε KL(T | u⊗μ); mean over the B·F = 4 problems
+    w_eps, transport = [], []
+    for ta, tb in zip(pool_by_hand(fake, 2), pool_by_hand(real, 2)):
+        plan, cost = dense_plan(ta, tb, eps)
+        kl = (plan * (plan * plan.numel()).log()).sum()
+        transport.append(float((plan * cost).sum()))
+        w_eps.append(transport[-1] + eps * float(kl))
+    assert stats['otd_w_eps'] == pytest.approx(sum(w_eps) / 4, rel=1e-9)
+    assert stats['otd_transport_cost'] == pytest.approx(sum(transport) / 4, rel=1e-9)
+    raw = expected_full_res_gradient(fake, real, eps, 2)
+    assert stats['otd_grad_norm'] == pytest.approx(float(raw.norm()), rel=1e-9)
+    # the step applied to x: its norm is w·c·‖ĝ‖ = w·c·sqrt(B·F) under 'l2_frame'
+    assert stats['otd_step_norm'] == pytest.approx(float(x.grad.norm()), rel=1e-9)
+    assert stats['otd_step_norm'] == pytest.approx(w * c * 2.0, rel=1e-9)
+    assert stats['otd_converged'] == 1.0 and stats['otd_float64'] == 0.0 and stats['otd_precision_ok'] == 1.0
+    assert not any('loss' in key for key in stats)     # mmengine's parse_losses would sum such keys
+
+
+def test_logged_marginal_errors_are_those_of_the_returned_plan():
+    shape = (1, 3, 2, 4, 6)
+    fake, real = _latents(shape, 43), _latents(shape, 44) * 2.0
+    loss_fn = OTDLoss(epsilon=0.05, tol=None, num_iters=3)
+    loss_fn.ot_gradient(fake, real)
+    a, b = frames_to_tokens(fake, 2), frames_to_tokens(real, 2)
+    ref = sinkhorn_reference(a, b, 0.05, num_iters=3, center=True)
+    row, col = marginal_errors(ref.plan)
+    assert loss_fn.last_stats['otd_iters'] == 3.0
+    assert loss_fn.last_stats['otd_col_err'] == pytest.approx(float(col.mean()), rel=1e-6)
+    assert loss_fn.last_stats['otd_col_err_max'] == pytest.approx(float(col.max()), rel=1e-6)
+    assert loss_fn.last_stats['otd_col_err'] > 1e-3 and loss_fn.last_stats['otd_row_err'] < 1e-12
+
+
+@pytest.mark.parametrize('scale', [1e3, 1e4])
+def test_large_latents_give_the_float64_gradient(scale):
+    """Before: 12–29 % off the float64 gradient at these magnitudes (ε = 0.1), logged column error 0."""
+    shape = (1, 16, 2, 8, 8)
+    fake, real = _latents(shape, 45) * scale, (_latents(shape, 46) * 0.7 + 0.4) * scale
+    loss32 = OTDLoss(epsilon=0.1, tol=None, normalize='none')
+    with pytest.warns(RuntimeWarning, match='solving in float64'):
+        g32 = loss32.ot_gradient(fake.float(), real.float())
+    loss64 = OTDLoss(epsilon=0.1, tol=None, normalize='none')
+    g64 = loss64.ot_gradient(fake.float().double(), real.float().double())
+    assert g32.dtype == torch.float32
+    assert float((g32.double() - g64).norm() / g64.norm()) < 1e-5
+    assert loss32.last_stats['otd_float64'] == 1.0
+    assert loss32.last_stats['otd_col_err'] == pytest.approx(loss64.last_stats['otd_col_err'], rel=1e-4)
+    assert loss32.last_stats['otd_col_err'] > 0.1

@@ -8,8 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from vdot_ext.ot import (TOL_FLOOR, block_plan, envelope_gradient, marginal_errors, sinkhorn,
-                         sinkhorn_reference)
+from vdot_ext.ot import TOL_FLOOR, block_plan, envelope_gradient, marginal_errors, sinkhorn, sinkhorn_reference
 from vdot_ext.ot.streaming import resolve_backend
 
 BACKENDS = ['sdpa', 'blocked']

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ['softmin_pass', 'block_plan', 'available_backends', 'resolve_backend',
+__all__ = ['softmin_pass', 'softmin_function', 'block_plan', 'available_backends', 'resolve_backend',
            'DEFAULT_BLOCK_ELEMS', 'EXP_CLAMP']
 
 # 2**22 float32 scores = 16 MiB per block: large enough for GEMM efficiency,
@@ -80,7 +80,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     (fused kernel, float32) when Triton is installed, else 'blocked' (float64 always 'blocked').
 
     On CUDA the blocked path runs with TF32 disabled (IEEE fp32 scores): at small ε a
-    TF32 / bf16 score error is multiplied by 1/ε inside the exponent (DESIGN §9).
+    TF32 / bf16 score error is multiplied by 1/ε inside the exponent (docs/DESIGN.md §9).
     """
     global _warned_fused_cpu
     if backend == 'auto':
@@ -192,6 +192,33 @@ class _IEEEFloat32Matmul:
         return False
 
 
+def softmin_function(name: str, block_elems: int = DEFAULT_BLOCK_ELEMS) -> Callable:
+    """The softmin kernel of a resolved backend ``name``: ``fn(x, y, bias, epsilon, values=None) → (lse, out)``.
+
+    ``'fused_cpu'`` has no single pass of its own: its single passes (envelope gradient, exact g rescue) run on
+    ``'sdpa'``.
+    """
+    if name in ('sdpa', 'fused_cpu'):
+        def fn(x, y, bias, epsilon, values=None):
+            return _softmin_sdpa_cpu(x, y, bias, 1.0 / float(epsilon), values)
+    elif name == 'triton':
+        from .triton_sinkhorn import softmin_triton
+
+        def fn(x, y, bias, epsilon, values=None):
+            return softmin_triton(x, y, bias, 1.0 / float(epsilon), values)
+    elif name == 'blocked':
+        def fn(x, y, bias, epsilon, values=None):
+            if x.device.type == 'cuda':
+                # portable path on CUDA, IEEE fp32 (docs/DESIGN.md §9)
+                with _IEEEFloat32Matmul():
+                    return _softmin_blocked(x, y, bias, 1.0 / float(epsilon), values, block_elems)
+            return _softmin_blocked(x, y, bias, 1.0 / float(epsilon), values, block_elems)
+    else:
+        raise ValueError(f'unknown softmin backend {name!r}; resolve it with resolve_backend first')
+    fn.backend = name
+    return fn
+
+
 def softmin_pass(x: Tensor, y: Tensor, bias: Tensor, epsilon: float, *, values: Optional[Tensor] = None,
                  backend: str = 'auto', block_elems: int = DEFAULT_BLOCK_ELEMS
                  ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -206,14 +233,4 @@ def softmin_pass(x: Tensor, y: Tensor, bias: Tensor, epsilon: float, *, values: 
     if values is not None and values.shape[-1] != x.shape[-1]:
         raise ValueError(f'values must have the feature size of x ({x.shape[-1]}), got {values.shape[-1]}')
     name = resolve_backend(backend, x.device, x.dtype)
-    inv_eps = 1.0 / float(epsilon)
-    if name in ('sdpa', 'fused_cpu'):   # a single pass: the fused backend's passes run on sdpa
-        return _softmin_sdpa_cpu(x, y, bias, inv_eps, values)
-    if name == 'triton':
-        from .triton_sinkhorn import softmin_triton
-        return softmin_triton(x, y, bias, inv_eps, values)
-    if x.device.type == 'cuda':
-        # Portable path on CUDA, IEEE fp32. Untested on GPU in this project (no GPU in CI).
-        with _IEEEFloat32Matmul():
-            return _softmin_blocked(x, y, bias, inv_eps, values, block_elems)
-    return _softmin_blocked(x, y, bias, inv_eps, values, block_elems)
+    return softmin_function(name, block_elems)(x, y, bias, epsilon, values)

@@ -8,7 +8,7 @@ For each query block, stream over key blocks with an online log-sum-exp (Milakov
     lse_n = m + log l,  out_n = acc / l
 
 Scores use IEEE fp32 dot products (``input_precision='ieee'``, no TF32): at small ε a score error
-is multiplied by 1/ε inside the exponent (DESIGN §9). Only taken for CUDA tensors
+is multiplied by 1/ε inside the exponent (docs/DESIGN.md §9). Only taken for CUDA tensors
 (:func:`vdot_ext.ot.streaming.resolve_backend`). The kernel is tested on CPU through Triton's
 interpreter (``TRITON_INTERPRET=1``); it has not been run on a GPU in this project.
 """
