@@ -50,6 +50,11 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
             raise RuntimeError('killed')
     assert path.read_text() == 'old'
     assert os.listdir(tmp_path) == ['a.json']  # no temporary left behind
+    with atomic_write(str(path), 'w') as f:
+        f.write('new')
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_text() == 'new' and (path.stat().st_mode & 0o777) == 0o666 & ~mask
 
 
 def test_safetensors_round_trip_with_shared_storage(tmp_path):

@@ -7,3 +7,5 @@ from .deepspeed_optim_wrapper import DeepSpeedRoleOptimWrapper  # noqa: F401
 from .deepspeed_strategy import RoleDeepSpeedStrategy  # noqa: F401
 from .runner_builder import build_runner  # noqa: F401
 from .ema import GeneratorEMAHook  # noqa: F401
+from .checkpointing import VDOTCheckpointHook  # noqa: F401
+from .validation_hook import ValidationHook  # noqa: F401
