@@ -1,0 +1,13 @@
+# The base of the MoGAN Table-2 rows on the tiny recipe (../mogan_tiny.py): only the MoGAN stage
+# (changed by each leaf) and its motion evaluation. The full row is ../mogan_tiny.py's `mogan`.
+# Each row runs in its own work dir; copy the shared stages from a finished tiny run to skip them:
+#
+#   mkdir -p work_dirs/mogan_no_r1r2
+#   cp -r work_dirs/mogan_tiny/{codecs,data,teacher,stage1,motion_prompt} work_dirs/mogan_no_r1r2/
+#   mim train vdot_ext configs/mogan/ablations/no_r1r2.py --work-dir work_dirs/mogan_no_r1r2
+_base_ = ['../mogan_tiny.py']
+
+ablation_label = 'MoGAN (tiny)'
+stage_order = ['codecs', 'teacher', 'stage1', 'motion_prompt', 'mogan', 'motion_eval']
+# leaves name their row in metrics.json (models=dict(_delete_=True, <row>='{work_dir}/mogan'))
+stages = dict(motion_eval=dict(call=dict(models=dict(_delete_=True, mogan='{work_dir}/mogan'))))
