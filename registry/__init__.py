@@ -89,7 +89,8 @@ LOG_PROCESSORS = Registry(
     'log_processor', parent=MMENGINE_LOG_PROCESSORS, scope=_SCOPE,
     locations=['vdot_ext.engine'])
 # training schedules: which role steps with which objective at iteration k
-STEP_PLANS = Registry('step plan', scope=_SCOPE, locations=['vdot_ext.models.step_plans'])
+STEP_PLANS = Registry('step plan', scope=_SCOPE,
+                      locations=['vdot_ext.models.step_plans', 'vdot_ext.models.mogan_schedules'])
 # recipe steps run by the stage driver (e.g. codec preparation, evaluation)
 FUNCTIONS = Registry(
     'function', parent=MMENGINE_FUNCTIONS, scope=_SCOPE,

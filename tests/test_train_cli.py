@@ -101,12 +101,19 @@ def test_unknown_cfg_options_key_is_an_error_with_close_matches(tmp_path):
 def test_cfg_options_new_keys_need_the_opt_in(tmp_path):
     cfg = _staged(tmp_path)
     work = str(tmp_path / 'work')
-    # a keyword the constructor takes but the config leaves at its default: named as such
-    message = _exit_message([cfg, '--work-dir', work, '--cfg-options',
-                             'stages.train.runner.model.timestep_shift=2.0', '--stages', 'prepare'])
-    assert 'it is a keyword of FlowMatchingPretrainer' in message
+    # a keyword the constructor takes but the config leaves at its default is a known key ...
     STAGE1_CALLS.clear()
     main([cfg, '--work-dir', work, '--cfg-options', 'stages.train.runner.model.timestep_shift=2.0',
+          '--stages', 'prepare'])
+    assert STAGE1_CALLS == [1]
+    # ... a misspelt one is not, and a key of no constructor needs the explicit opt-in
+    message = _exit_message([cfg, '--work-dir', work, '--cfg-options',
+                             'stages.train.runner.model.timestep_shfit=2.0', '--stages', 'prepare'])
+    assert 'did you mean' in message and 'timestep_shfit: no such key' in message
+    assert '--cfg-options-allow-new' in _exit_message([cfg, '--work-dir', work + '2', '--cfg-options',
+                                                      'ablation_note=1', '--stages', 'prepare'])
+    STAGE1_CALLS.clear()
+    main([cfg, '--work-dir', work + '2', '--cfg-options', 'ablation_note=1',
           '--cfg-options-allow-new', '--stages', 'prepare'])
     assert STAGE1_CALLS == [1]
     # a Runner setting (here of the stage's runner) is a known key

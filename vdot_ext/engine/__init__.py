@@ -9,3 +9,4 @@ from .runner_builder import build_runner  # noqa: F401
 from .ema import GeneratorEMAHook  # noqa: F401
 from .checkpointing import VDOTCheckpointHook  # noqa: F401
 from .validation_hook import ValidationHook  # noqa: F401
+from .evaluate_motion import evaluate_motion, prepare_motion_prompt  # noqa: F401

@@ -99,10 +99,11 @@ def check_cfg_options(cfg: Any, options: Dict[str, Any], allow_new: bool = False
 
     mmengine's ``merge_from_dict`` adds any key it is given, so a typo
     (``otd_los.epsilon=0.05``) would silently train the unchanged recipe.
-    Each unknown key is reported with the closest existing paths (difflib) and,
-    when its parent is a ``dict(type=...)`` whose constructor takes that
-    keyword, with that fact. ``allow_new=True`` (``--cfg-options-allow-new``)
-    accepts new keys.
+    A key whose parent is a ``dict(type=...)`` whose constructor takes that
+    keyword is accepted: it sets an argument the config leaves at its default,
+    and the constructor's signature has already ruled out a typo. Every other
+    unknown key is reported with the closest existing paths (difflib).
+    ``allow_new=True`` (``--cfg-options-allow-new``) accepts new keys.
     """
     if allow_new or not options:
         return
@@ -113,6 +114,8 @@ def check_cfg_options(cfg: Any, options: Dict[str, Any], allow_new: bool = False
         found, walked, node = _lookup(plain, key)
         if found or _is_runner_setting(plain, walked, key):
             continue
+        if isinstance(node, dict) and _keyword_hint(node, key[len(walked):].lstrip('.')):
+            continue   # a constructor keyword left at its default
         if paths is None:
             paths = config_paths(plain)
         close = difflib.get_close_matches(key, paths, n=3, cutoff=0.6)
@@ -123,9 +126,6 @@ def check_cfg_options(cfg: Any, options: Dict[str, Any], allow_new: bool = False
             line += f' ({walked} is a {type(node).__name__}, not a dict)'
         if close:
             line += f'; did you mean {" or ".join(close)}?'
-        hint = _keyword_hint(node, key[len(walked):].lstrip('.')) if isinstance(node, dict) else None
-        if hint:
-            line += f'; {hint}'
         problems.append(line)
     if problems:
         raise ConfigCheckError(

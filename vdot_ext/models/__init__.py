@@ -9,3 +9,5 @@ from .optical_flow import LucasKanadeFlow, OpticalFlowEstimator, RAFTFlow  # noq
 from .motion_discriminator import MotionDiscriminator  # noqa: F401
 from .vae_decoding import WindowedVAEDecoding  # noqa: F401
 from .step_plans import CyclicStepPlan, VDOTAlgorithm1  # noqa: F401
+from .mogan_distiller import CheckpointInit, LatentVideoDiscriminator, MoGANDistiller  # noqa: F401
+from .mogan_schedules import WarmupGatedPlan  # noqa: F401
