@@ -18,7 +18,9 @@ without loading multi-GB weights in the main process.
 import contextlib
 import hashlib
 import os
-from typing import Dict, List, Optional, Sequence
+import re
+import zipfile
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -64,24 +66,161 @@ def codec_file(field: str):
         raise type(exc)(f'{field}: {exc}') from exc
 
 
-class UMT5PromptEncoder:
-    """diffsynth ``WanTextEncoder`` (umT5-xxl) + ``HuggingfaceTokenizer`` from local
-    files, zeroing embeddings past each prompt's length (diffsynth
-    ``WanVideoUnit_PromptEmbedder.encode_prompt``, per row)."""
+# ---------------------------------------------------------------------------
+# the Wan2.1 release files at any size (sizes read from the tensors)
+# ---------------------------------------------------------------------------
+VAE_FILE = 'Wan2.1_VAE.pth'
+TEXT_ENCODER_FILE = 'models_t5_umt5-xxl-enc-bf16.pth'
+TOKENIZER_DIR = os.path.join('google', 'umt5-xxl')
+TEXT_LEN = 512
+# Wan2.1's VAE (diffsynth VideoVAE_ defaults): these are not in the file
+_VAE_FIXED = dict(z_dim=16, dim_mult=[1, 2, 4, 4], attn_scales=[], temperal_downsample=[False, True, True],
+                  dropout=0.0)
+_RELEASE_VAE = dict(dim=96, num_res_blocks=2)
+_RELEASE_UMT5 = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
+                     num_buckets=32, shared_pos=False)
 
-    def __init__(self, checkpoint: str, tokenizer: str, seq_len: int = 512,
-                 device: str = 'cpu', dtype: torch.dtype = torch.bfloat16):
+
+def tiny_codec_kind(path: str) -> Optional[str]:
+    """``'TinyWanVAE'`` / ``'TinyTextEncoder'`` when ``path`` is one of the demo's
+    tiny-codec files (read from the pickle's text, without loading tensors), else None."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
+        if not pickles:
+            return None
+        text = archive.read(pickles[0])
+    for kind in ('TinyWanVAE', 'TinyTextEncoder'):
+        if kind.encode() in text:
+            return kind
+    return None
+
+
+def _load_checked(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: str, field: str) -> None:
+    from vdot_ext.models.checkpoint_io import check_state_dict
+    check_state_dict(module, state, path, f'{type(module).__name__} ({field})')
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def vae_architecture(state: Dict[str, torch.Tensor], path: str, field: str = '--vae') -> dict:
+    """``VideoVAE_`` width and residual blocks per level of a Wan VAE state dict
+    (converted keys ``model.encoder.…``)."""
+    conv = state.get('model.encoder.conv1.weight')
+    if conv is None:
+        raise ValueError(f'{field}: {path} is not a Wan2.1 VAE (no "encoder.conv1.weight"; keys e.g. '
+                         f'{sorted(state)[:3]})')
+    levels = {int(m.group(1)) for k in state
+              for m in [re.match(r'model\.encoder\.downsamples\.(\d+)\.', k)] if m}
+    # per level: num_res_blocks residual blocks, then a resample (not after the last level)
+    n_levels = len(_VAE_FIXED['dim_mult'])
+    count = max(levels) + 1 if levels else 0
+    if (count - (n_levels - 1)) % n_levels:
+        raise ValueError(f'{field}: {path}: {count} encoder down-sampling modules do not fit Wan2.1\'s '
+                         f'{n_levels} levels')
+    return dict(dim=int(conv.shape[0]), num_res_blocks=(count - (n_levels - 1)) // n_levels)
+
+
+def load_wan_vae(path: str, device: Union[str, torch.device] = 'cpu', field: str = '--vae') -> torch.nn.Module:
+    """diffsynth ``WanVideoVAE`` (float32, frozen) from a Wan2.1 VAE file
+    (``Wan2.1_VAE.pth``; its width read from the tensors), or the demo's ``TinyWanVAE``.
+
+    At the release width this is diffsynth's own ``load_model`` with
+    ``WanVideoVAEStateDictConverter``; a smaller file in the same key layout is
+    loaded into ``WanVideoVAE`` whose inner ``VideoVAE_`` is built at that width
+    (``WanVideoVAE`` hard-codes 96). Weights load safely and must be finite."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{field}: VAE file {path!r} does not exist')
+    if tiny_codec_kind(path) == 'TinyWanVAE':
+        from vdot_ext.models.tiny_codecs import TinyWanVAE
+        with codec_file(field):  # safe load, finite check: TinyWanVAE.load
+            return TinyWanVAE.load(path).to(device)
+    from diffsynth.core.loader.model import load_model
+    from diffsynth.core.vram.initialization import skip_model_initialization
+    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
+    from diffsynth.utils.state_dict_converters.wan_video_vae import WanVideoVAEStateDictConverter
+    state = WanVideoVAEStateDictConverter(load_codec_state(path, field, torch.float32))
+    arch = vae_architecture(state, path, field)
+    if arch == _RELEASE_VAE:
+        vae = load_model(WanVideoVAE, path, torch_dtype=torch.float32, device=device, state_dict=state)
+    else:
+        with skip_model_initialization():
+            vae = WanVideoVAE(z_dim=_VAE_FIXED['z_dim'])
+            vae.model = VideoVAE_(dim=arch['dim'], num_res_blocks=arch['num_res_blocks'], **_VAE_FIXED)
+        _load_checked(vae, state, path, field)
+        vae.to(device=device, dtype=torch.float32)
+    return vae.eval().requires_grad_(False)
+
+
+def wan_vae_of(vae) -> torch.nn.Module:
+    """The diffsynth ``WanVideoVAE`` behind ``vae`` (itself, or a ``TinyWanVAE``'s)."""
+    return getattr(vae, 'wan_vae', vae)
+
+
+def umt5_architecture(state: Dict[str, torch.Tensor], path: str, field: str = '--text_encoder') -> dict:
+    """``WanTextEncoder`` arguments of a umT5 encoder state dict (Wan2.1's layout)."""
+    need = ('token_embedding.weight', 'blocks.0.attn.q.weight', 'blocks.0.ffn.fc1.weight')
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f'{field}: {path} is not a umT5 encoder in Wan2.1\'s layout (missing {missing}; '
+                         f'keys e.g. {sorted(state)[:3]})')
+    layers = {int(m.group(1)) for k in state for m in [re.match(r'blocks\.(\d+)\.', k)] if m}
+    shared = 'pos_embedding.embedding.weight' in state
+    pos = state['pos_embedding.embedding.weight' if shared else 'blocks.0.pos_embedding.embedding.weight']
+    vocab, dim = state['token_embedding.weight'].shape
+    return dict(vocab=int(vocab), dim=int(dim), dim_attn=int(state['blocks.0.attn.q.weight'].shape[0]),
+                dim_ffn=int(state['blocks.0.ffn.fc1.weight'].shape[0]), num_heads=int(pos.shape[1]),
+                num_layers=max(layers) + 1, num_buckets=int(pos.shape[0]), shared_pos=shared)
+
+
+class UMT5Encoder:
+    """umT5 encoder + tokenizer from local files: ``encode(prompts) → [B, 512, dim]``
+    float32, zero past each prompt's tokens (diffsynth
+    ``WanVideoUnit_PromptEmbedder.encode_prompt``, per row).
+
+    The encoder is diffsynth's ``WanTextEncoder`` built with the architecture the
+    file holds (:func:`umt5_architecture`): at the release size exactly
+    diffsynth's ``load_model``; smaller files in the same key layout load through
+    the same class. The tokenizer is ``HuggingfaceTokenizer`` (``clean='whitespace'``).
+    ``field``/``tokenizer_field`` name the options in error messages.
+    """
+
+    def __init__(self, checkpoint: str, tokenizer: str, device='cpu', dtype: torch.dtype = torch.bfloat16,
+                 seq_len: int = TEXT_LEN, field: str = '--text_encoder', tokenizer_field: str = '--tokenizer'):
         from diffsynth.core.loader.model import load_model
+        from diffsynth.core.vram.initialization import skip_model_initialization
         from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
+        if not checkpoint or not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f'{field}: file {checkpoint!r} does not exist')
         if not tokenizer or not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f'codec.text_encoder.tokenizer: {tokenizer!r} is not a local '
-                                    'folder with the umT5 tokenizer (google/umt5-xxl files)')
-        state = load_codec_state(checkpoint, 'codec.text_encoder.checkpoint', dtype)
-        self.model = load_model(WanTextEncoder, checkpoint, torch_dtype=dtype, device=device,
-                                state_dict=state)
+            raise FileNotFoundError(f'{tokenizer_field}: {tokenizer!r} is not a folder with the umT5 tokenizer '
+                                    f'(the {TOKENIZER_DIR} folder of a Wan2.1 release)')
+        state = load_codec_state(checkpoint, field, dtype)
+        arch = umt5_architecture(state, checkpoint, field)
+        if arch == _RELEASE_UMT5:
+            self.model = load_model(WanTextEncoder, checkpoint, torch_dtype=dtype, device=device, state_dict=state)
+        else:
+            with skip_model_initialization():
+                self.model = WanTextEncoder(**arch, dropout=0.0)
+            _load_checked(self.model, state, checkpoint, field)
+            self.model.to(device=device, dtype=dtype)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = HuggingfaceTokenizer(name=tokenizer, seq_len=seq_len, clean='whitespace')
-        self.device = device
+        try:
+            self.tokenizer = HuggingfaceTokenizer(name=tokenizer, seq_len=seq_len, clean='whitespace')
+        except (OSError, ValueError) as exc:
+            raise ValueError(f'{tokenizer_field}: cannot load a tokenizer from {tokenizer}: {exc}') from None
+        if self.tokenizer.vocab_size > arch['vocab']:
+            raise ValueError(f'{tokenizer_field}: {tokenizer} has {self.tokenizer.vocab_size} tokens but the text '
+                             f'encoder {checkpoint} embeds {arch["vocab"]}')
+        self.dim = arch['dim']
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -91,7 +230,17 @@ class UMT5PromptEncoder:
         emb = self.model(ids, mask)
         for row, length in enumerate(lengths):
             emb[row, length:] = 0
-        return emb.float().cpu()
+        return emb.float()
+
+
+class UMT5PromptEncoder(UMT5Encoder):
+    """:class:`UMT5Encoder` as the training data path builds it (positional
+    ``seq_len`` before ``device``; errors name the ``codec.text_encoder`` fields)."""
+
+    def __init__(self, checkpoint: str, tokenizer: str, seq_len: int = TEXT_LEN,
+                 device: str = 'cpu', dtype: torch.dtype = torch.bfloat16):
+        super().__init__(checkpoint, tokenizer, device=device, dtype=dtype, seq_len=seq_len,
+                         field='codec.text_encoder.checkpoint', tokenizer_field='codec.text_encoder.tokenizer')
 
 
 class VCUCodecs:
@@ -135,16 +284,8 @@ class VCUCodecs:
                 from vdot_ext.models.tiny_codecs import TinyWanVAE
                 with codec_file(field):  # safe load, finite check: TinyWanVAE.load
                     self._vae = TinyWanVAE.load(cfg['checkpoint']).to(self.device)
-            else:
-                from diffsynth.core.loader.model import load_model
-                from diffsynth.models.wan_video_vae import WanVideoVAE
-                from diffsynth.utils.state_dict_converters.wan_video_vae import \
-                    WanVideoVAEStateDictConverter
-                state = load_codec_state(cfg['checkpoint'], field, torch.float32)
-                self._vae = load_model(WanVideoVAE, cfg['checkpoint'], torch_dtype=torch.float32,
-                                       device=self.device, state_dict=state,
-                                       state_dict_converter=WanVideoVAEStateDictConverter)
-                self._vae.eval().requires_grad_(False)
+            else:  # a Wan2.1 VAE file at any width (release or real-layout stand-in)
+                self._vae = load_wan_vae(cfg['checkpoint'], self.device, field)
         return self._vae
 
     @property

@@ -137,14 +137,18 @@ def write_umt5(path: str, vocab: int, dim: int = 32, dim_attn: int = 32, dim_ffn
 
 
 def write_wan_release_folder(folder: str, preset: str = 'tiny-vace', seed: int = 0, shards: int = 2,
-                             text_dim: int = 32) -> dict:
+                             text_dim: int = 32, codec_seed: Optional[int] = None) -> dict:
     """A tiny Wan2.1 model folder: DiT/VACE shards + index + config.json, VAE,
-    umT5 and tokenizer. Returns the paths and the DiT module it was made from."""
+    umT5 and tokenizer. Returns the paths and the DiT module it was made from.
+    ``codec_seed`` (default ``seed``) seeds the VAE and umT5: folders written with
+    the same one hold the same codec files, as every Wan2.1 release does."""
     model, files = tiny_vace_release(folder, preset, seed, shards)
+    codec_seed = seed if codec_seed is None else codec_seed
     tokenizer = write_tokenizer(osp.join(folder, TOKENIZER_DIR))
-    vocab = len(json.load(open(osp.join(tokenizer, 'tokenizer.json')))['model']['vocab'])
-    text_encoder = write_umt5(osp.join(folder, TEXT_ENCODER_FILE), vocab=vocab, dim=text_dim, seed=seed + 1)
-    vae = write_wan_vae(osp.join(folder, VAE_FILE), seed=seed + 2)
+    with open(osp.join(tokenizer, 'tokenizer.json'), encoding='utf-8') as f:
+        vocab = len(json.load(f)['model']['vocab'])
+    text_encoder = write_umt5(osp.join(folder, TEXT_ENCODER_FILE), vocab=vocab, dim=text_dim, seed=codec_seed + 1)
+    vae = write_wan_vae(osp.join(folder, VAE_FILE), seed=codec_seed + 2)
     return dict(folder=folder, model=model, dit_files=files, vae=vae, text_encoder=text_encoder,
                 tokenizer=tokenizer)
 

@@ -173,3 +173,137 @@ def test_source_loads_safely_and_must_be_finite(models, tmp_path):
         VACEAccWanInit(poisoned)(vace)
     # nothing was written into the target
     assert all(torch.equal(v, before[k]) for k, v in vace.state_dict().items())
+
+
+# ---------------------------------------------------------------------------
+# the stage hand-off sources (docs/DESIGN.md §7): an export, a release, a DeepSpeed folder
+# ---------------------------------------------------------------------------
+def test_from_stage1_export_folder(models, tmp_path):
+    """What stage 1 leaves (ExportGeneratorHook): sharded safetensors + index,
+    config.json, vdot_student.json, release key layout."""
+    from vdot_ext.apis.export import export_generator
+    vace, stage1 = models
+    out = export_generator(stage1.generator, str(tmp_path / 'stage1' / 'export'), max_shard_size='60KB')
+    assert len(out.shards) > 1
+    vace_before = {k: v.clone() for k, v in vace.vace.state_dict().items()}
+    report = VACEAccWanInit(out.out_dir)(vace)
+    _check_replaced(vace, stage1.generator, vace_before, report)
+    assert report.ignored == [] and report.source == out.out_dir
+
+
+def test_from_step_distilled_release_index_and_vace_keys_ignored(models, tmp_path):
+    """A diffsynth / Wan2.1 release of a step-distilled T2V, given by its
+    index.json; a VACE release's own VACE tensors are named as ignored."""
+    from real_layout import DIT_INDEX, release_state_dict, write_dit_release
+    vace, stage1 = models
+    write_dit_release(release_state_dict(stage1.generator), str(tmp_path / 'distilled'), shards=3)
+    vace_before = {k: v.clone() for k, v in vace.vace.state_dict().items()}
+    report = VACEAccWanInit(str(tmp_path / 'distilled' / DIT_INDEX))(vace)
+    _check_replaced(vace, stage1.generator, vace_before, report)
+    torch.manual_seed(4)
+    other_vace = WanVACEScore('tiny-vace')
+    write_dit_release(release_state_dict(other_vace), str(tmp_path / 'vace_release'), shards=2)
+    report = VACEAccWanInit(str(tmp_path / 'vace_release'))(vace)
+    assert sorted(report.ignored) == sorted(other_vace.vace.state_dict())
+    torch.testing.assert_close(vace.dit.blocks[0].self_attn.q.weight, other_vace.dit.blocks[0].self_attn.q.weight)
+
+
+def test_export_of_another_size_names_the_mis_shaped_keys(models, tmp_path):
+    from vdot_ext.apis.export import export_generator
+    vace, _ = models
+    torch.manual_seed(2)
+    out = export_generator(WanVACEScore('tiny', ffn_dim=64), str(tmp_path / 'export'))
+    with pytest.raises(ValueError) as err:
+        VACEAccWanInit(out.out_dir)(vace)
+    msg = str(err.value)
+    assert 'dit.blocks.0.ffn.0.weight: target (96, 48) vs source (64, 48)' in msg and '[12]' in msg
+    assert out.out_dir in msg
+
+
+# DeepSpeed checkpoint folders of RoleDeepSpeedStrategy, written by real runs
+# (tools/train.py, one process, gloo) of the tiny distiller of tests/_deepspeed_worker.py
+def _train_jobs(tmp_path, jobs):
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    jobs_file = tmp_path / 'jobs.json'
+    jobs_file.write_text(json.dumps(jobs))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, here, os.environ.get('PYTHONPATH', '')]),
+               OMP_NUM_THREADS='1')
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, os.path.join(here, '_deepspeed_worker.py'), str(jobs_file)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_from_deepspeed_checkpoint_folder_zero2_zero3_and_lora(tmp_path):
+    from _deepspeed_worker import tiny_config
+
+    from vdot_ext.apis.student import load_student, read_student_weights
+    from vdot_ext.models.vace_acc_wan_init import deepspeed_safe_globals, read_deepspeed_role_state_dict
+    runs = {}
+    jobs = []
+    for name, zero, lora in (('z2', 2, False), ('z3', 3, False), ('lora', 2, True)):
+        cfg = tiny_config(tmp_path / f'{name}.py', zero_stage=zero, max_iters=2, checkpoint_interval=2, lora=lora)
+        if lora:   # the LoRA run also ends with the stage hand-off: base + merged adapters
+            (tmp_path / 'lora_export.py').write_text(
+                f"_base_ = ['{cfg.name}']\n"
+                "custom_imports = dict(imports=['_deepspeed_worker', 'vdot_ext.engine.export_hook'])\n"
+                "custom_hooks = [dict(type='ExportGeneratorHook'), dict(type='DumpWeightsHook')]\n")
+            cfg = tmp_path / 'lora_export.py'
+        runs[name] = tmp_path / name
+        jobs.append([str(cfg), '--work-dir', str(runs[name]), '--launcher', 'none',
+                     '--cfg-options', f'experiment_name={name}'])
+    _train_jobs(tmp_path, jobs)
+    for name in ('z2', 'z3'):
+        folder = str(runs[name] / 'iter_2.pth')
+        final = torch.load(runs[name] / 'final_rank0.pt', weights_only=True)['state_dict']
+        trained = {k[len('generator.'):]: v for k, v in final.items() if k.startswith('generator.')}
+        # DeepSpeed's consolidation of the generator engine: the trained weights (fp32 run)
+        state = read_deepspeed_role_state_dict(folder)
+        assert set(state) == {f'generator.{k}' for k in trained}
+        torch.manual_seed(0)
+        vace = WanVACEScore('tiny-vace')
+        vace_before = {k: v.clone() for k, v in vace.vace.state_dict().items()}
+        report = VACEAccWanInit(folder)(vace)
+        for k, v in vace.dit.state_dict().items():
+            torch.testing.assert_close(v, trained['dit.' + k], rtol=0, atol=0, msg=f'{name} {k}')
+        for k, v in vace.vace.state_dict().items():
+            torch.testing.assert_close(v, vace_before[k], rtol=0, atol=0)
+        assert len(report.replaced) == len(vace.dit.state_dict()) and report.missing == []
+        # the generator's own VACE blocks are not part of AccWanInit: named as ignored
+        assert sorted(report.ignored) == sorted(f'generator.vace.{k}' for k in vace.vace.state_dict())
+        # the same folder as a student (tools.infer / tools.export --ckpt)
+        weights, arch, files, notes = read_student_weights(folder)
+        assert files == [folder] and 'fp32 master weights' in notes[0]
+        assert all(torch.equal(weights[k], trained[k]) for k in trained)
+        assert load_student(folder, preset='tiny-vace').arch['vace_layers'] == (0, 2)
+    # a LoRA run's engine holds only the adapters: refused, pointing at the export
+    lora_folder = str(runs['lora'] / 'iter_2.pth')
+    with pytest.raises(ValueError, match='LoRA run.*export'):
+        VACEAccWanInit(lora_folder)(WanVACEScore('tiny-vace'))
+    with pytest.raises(ValueError, match='LoRA run.*--lora'):
+        read_student_weights(lora_folder)
+    merged = torch.load(runs['lora'] / 'final_rank0.pt', weights_only=True)['merged_generator']
+    exported = load_student(str(runs['lora'] / 'export')).model.state_dict()
+    assert set(exported) == set(merged)
+    for k, v in merged.items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-6, atol=1e-6, msg=k)
+    assert VACEAccWanInit(str(runs['lora'] / 'export'))(WanVACEScore('tiny-vace')).missing == []
+    # the engine files load without unpickling code: a planted object is refused
+    optim = sorted((runs['z3'] / 'iter_2.pth' / 'generator').glob('*optim_states.pt'))[0]
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        payload = safe_torch_load(str(optim))
+    marker = tmp_path / 'ran'
+    payload['evil'] = _RunsCode(marker)
+    torch.save(payload, optim)
+    with pytest.raises(UnsafeCheckpointError, match='optim_states.pt.*system'):
+        VACEAccWanInit(str(runs['z3'] / 'iter_2.pth'))(WanVACEScore('tiny-vace'))
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match="no engine folder for role 'score'"):
+        read_deepspeed_role_state_dict(str(runs['z2'] / 'iter_2.pth'), role='score')

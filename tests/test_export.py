@@ -101,7 +101,7 @@ def test_diffsynth_pipeline_loads_the_export_and_gives_our_latents(release, expo
     from diffsynth.models import model_loader
     from diffsynth.pipelines.wan_video import WanVideoPipeline
 
-    from vdot_ext.apis.codecs import _load_state, load_wan_vae, umt5_architecture
+    from vdot_ext.apis.codecs import load_codec_state, load_wan_vae, umt5_architecture
     from vdot_ext.apis.inference import DiffSynthRenoiseScheduler, VCURequest, VDOTInference, build_pixels
 
     video = write_video(str(tmp_path / 'src.mp4'), frames=9, height=64, width=64)
@@ -115,7 +115,7 @@ def test_diffsynth_pipeline_loads_the_export_and_gives_our_latents(release, expo
 
     text_entry = dict(model_hash=hash_model_file(release['text_encoder']), model_name='wan_video_text_encoder',
                       model_class='diffsynth.models.wan_video_text_encoder.WanTextEncoder',
-                      extra_kwargs=dict(umt5_architecture(_load_state(release['text_encoder'], 't5'), 't5'),
+                      extra_kwargs=dict(umt5_architecture(load_codec_state(release['text_encoder'], 't5'), 't5'),
                                         dropout=0.0))
     original = model_loader.MODEL_CONFIGS
     with E.register_with_diffsynth(exported.out_dir) as added:
@@ -324,3 +324,119 @@ def test_zero3_partitioned_generator_is_gathered_shard_by_shard(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(E.export_files(out)) > 1
     _assert_same(load_student(out).model.state_dict(), torch.load(out + '.reference.pth'))
+
+
+# ---------------------------------------------------------------------------
+# ExportGeneratorHook: the end of every training run (docs/DESIGN.md §7)
+# ---------------------------------------------------------------------------
+def _tiny_distiller_runner(work_dir, hooks, max_iters=3):
+    """mmengine's plain Runner on the tiny distiller of tests/_deepspeed_worker.py
+    (the generator steps every iteration, so its EMA moves)."""
+    from _deepspeed_worker import RandomLatentVCUs  # noqa: F401  (registers the data set)
+    from mmengine.runner import Runner
+    adam = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-2, betas=(0.0, 0.999), weight_decay=0.0))
+    return Runner(
+        model=dict(type='VDOTDistiller', real_score=dict(type='WanVACEScore', preset='tiny-vace'), otd_loss=None,
+                   dmd_loss=dict(type='DMDLoss'), gen_every=1, guidance_scale=1.0, uncond='zeros', seed=0,
+                   generator_timesteps=(1000, 500), generator_shift=3.0),
+        work_dir=str(work_dir), experiment_name='export_hook',
+        train_dataloader=dict(batch_size=1, num_workers=0, sampler=dict(type='InfiniteSampler', shuffle=True),
+                              collate_fn=dict(type='default_collate'), dataset=dict(type='RandomLatentVCUs')),
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=max_iters),
+        optim_wrapper=dict(constructor='RoleOptimWrapperConstructor', generator=adam, critic=adam),
+        default_hooks=dict(checkpoint=None, logger=dict(type='LoggerHook', interval=100)),
+        custom_hooks=hooks, default_scope='vdot_ext', randomness=dict(seed=0), log_level='WARNING',
+        log_processor=dict(by_epoch=False))
+
+
+def test_export_hook_on_the_plain_runner_writes_ema_and_trained_weights(tmp_path):
+    from vdot_ext.engine.ema import GeneratorEMAHook
+    from vdot_ext.engine.export_hook import ExportGeneratorHook
+    from vdot_ext.utils import load_tensor_file
+    runner = _tiny_distiller_runner(tmp_path, [GeneratorEMAHook(momentum=0.5),
+                                               ExportGeneratorHook(max_shard_size='60KB')])
+    runner.train()
+    trained = {k: v.detach().clone() for k, v in runner.model.generator.state_dict().items()}
+    ema = load_tensor_file(str(tmp_path / 'ema_generator.safetensors'))   # the EMA hook's own file
+    assert set(ema) == set(trained)
+    assert max(float((ema[k] - trained[k]).abs().max()) for k in ema) > 1e-4   # the test tells them apart
+    # use_ema=True (default): export/ = EMA, export_raw/ = trained
+    _assert_same(load_student(str(tmp_path / 'export')).model.state_dict(), ema)
+    _assert_same(load_student(str(tmp_path / 'export_raw')).model.state_dict(), trained)
+    info = E.read_student_info(str(tmp_path / 'export'))
+    assert info['ema'] is True and info['ema_steps'] == 3 and info['momentum'] == 0.5 and info['iteration'] == 3
+    assert info['dtype'] == 'float32' and info['module'] == 'generator'
+    # the model's own steps: [1000, 500] warped by shift 3 (no config file here to name them)
+    assert info['sampler'] == dict(timesteps=[1000.0, 750.0], shift=1.0, renoise='fresh')
+    assert E.read_student_info(str(tmp_path / 'export_raw'))['ema'] is False
+    assert len(E.export_files(str(tmp_path / 'export'))) > 1
+    # use_ema=False: export/ = trained (the old folder replaced), export_ema/ = EMA
+    ExportGeneratorHook(use_ema=False).after_train(runner)
+    _assert_same(load_student(str(tmp_path / 'export')).model.state_dict(), trained)
+    _assert_same(load_student(str(tmp_path / 'export_ema')).model.state_dict(), ema)
+    # a model without the module exports nothing (and says so)
+    ExportGeneratorHook(module='student', out_dir='none').after_train(runner)
+    assert not osp.exists(tmp_path / 'none')
+    with pytest.raises(ValueError, match='max_shard_size'):
+        ExportGeneratorHook(max_shard_size='lots')
+
+
+EXPORT_HOOK_CONFIG = '''
+_base_ = ['{base}']
+custom_imports = dict(imports=['_deepspeed_worker', 'vdot_ext.engine.export_hook'], allow_failed_imports=False)
+custom_hooks = [dict(type='GeneratorEMAHook', momentum=0.5),
+                dict(type='ExportGeneratorHook', use_ema={use_ema}, max_shard_size='60KB'),
+                dict(type='DumpWeightsHook')]
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_export_hook_under_deepspeed_two_ranks_zero3_and_zero2(tmp_path):
+    """FlexibleRunner + RoleDeepSpeedStrategy, 2 processes (gloo): the generator
+    and its EMA, partitioned (ZeRO-3) or replicated (ZeRO-2), exported by rank 0
+    equal the consolidated weights and the EMA hook's file; the run's DeepSpeed
+    checkpoint folder reads back as the same student."""
+    import subprocess
+    import sys
+
+    from _deepspeed_worker import tiny_config
+
+    from vdot_ext.apis.student import read_student_weights
+    from vdot_ext.engine.deepspeed_strategy import free_port
+    from vdot_ext.utils import load_tensor_file
+    here = osp.dirname(osp.abspath(__file__))
+    root = osp.dirname(here)
+    jobs, runs = [], {}
+    for zero, use_ema in ((3, True), (2, False)):
+        base = tiny_config(tmp_path / f'tiny_z{zero}.py', zero_stage=zero, max_iters=4, checkpoint_interval=4)
+        cfg = tmp_path / f'export_z{zero}.py'
+        cfg.write_text(EXPORT_HOOK_CONFIG.format(base=base.name, use_ema=use_ema))
+        runs[zero] = tmp_path / f'z{zero}'
+        jobs.append([str(cfg), '--work-dir', str(runs[zero]), '--launcher', 'pytorch',
+                     '--cfg-options', f'experiment_name=z{zero}'])
+    (tmp_path / 'jobs.json').write_text(json.dumps(jobs))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, here, os.environ.get('PYTHONPATH', '')]),
+               OMP_NUM_THREADS='1')
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                           f'--master_port={free_port()}', osp.join(here, '_deepspeed_worker.py'),
+                           str(tmp_path / 'jobs.json')], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=1100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for zero, use_ema in ((3, True), (2, False)):
+        work = runs[zero]
+        final = torch.load(work / 'final_rank0.pt', weights_only=True)['state_dict']
+        trained = {k[len('generator.'):]: v for k, v in final.items() if k.startswith('generator.')}
+        ema = load_tensor_file(str(work / 'ema_generator.safetensors'))
+        assert max(float((ema[k] - trained[k]).abs().max()) for k in ema) > 1e-5
+        ema_dir, raw_dir = (work / 'export', work / 'export_raw') if use_ema else (work / 'export_ema',
+                                                                                   work / 'export')
+        _assert_same(load_student(str(raw_dir)).model.state_dict(), trained)
+        _assert_same(load_student(str(ema_dir)).model.state_dict(), ema)
+        assert len(E.export_files(str(raw_dir))) > 1
+        assert not any(n.startswith(('.', 'export.partial')) or '.partial-' in n for n in os.listdir(work))
+        # the 2-rank DeepSpeed checkpoint folder, consolidated: the same trained weights
+        weights, _, _, _ = read_student_weights(str(work / 'iter_4.pth'))
+        _assert_same(weights, trained)

@@ -224,7 +224,8 @@ def _module_entries(module: nn.Module, ema: Optional[Mapping[str, torch.Tensor]]
     from vdot_ext.models.lora import BASE_MARK, LORA_MARK, has_lora, lora_scale
     named: Dict[str, torch.Tensor] = dict(module.named_parameters())
     named.update({k: v for k, v in module.state_dict(keep_vars=True).items() if k not in named})
-    ema = dict(ema or {})
+    # kept as given: a lazy mapping (ExportGeneratorHook) gathers each EMA tensor only when its shard is built
+    ema = ema if ema is not None else {}
     unknown = [k for k in ema if k not in named]
     if unknown:
         raise KeyError(f'export_generator: EMA tensors {unknown[:5]} are not in the module '
@@ -392,7 +393,8 @@ def export_generator(source: Union[nn.Module, Mapping[str, torch.Tensor]],
     config = release_config(config_arch)
     student = dict(format='vdot_ext student (Wan2.1 release layout)', sampler=dict(sampler or DEFAULT_SAMPLER),
                    ema=bool(ema), lora_merged=any(e.merged for e in entries),
-                   dtype=str(dtype or sorted({str(e.dtype) for e in entries})).replace('torch.', ''),
+                   dtype=(str(dtype) if dtype is not None else
+                          ','.join(sorted({str(e.dtype) for e in entries}))).replace('torch.', ''),
                    diffsynth_hash=diffsynth_hash({k: by_key[k].shape for k in order}))
     student.update(dict(provenance or {}))
 

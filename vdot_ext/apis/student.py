@@ -16,6 +16,10 @@ a training checkpoint ``.pth``         the plain Runner's ``iter_N.pth`` or a st
                                        ``prefix`` (``generator.``); with ``ema=True`` the
                                        EMA weights (``ema_state_dict``)
 ``ema_generator.safetensors``          the EMA hook's end-of-training file (needs ``base``)
+a DeepSpeed checkpoint folder          the ``generator`` engine's fp32 weights,
+(``iter_N.pth/`` with                  consolidated by DeepSpeed's ZeRO-2/3 code from
+``vdot_state.pth``)                    files read safely; with ``ema=True`` the
+                                       folder's ``ema_state_dict``
 =====================================  ==================================================
 
 A LoRA file (``lora``) is merged into those weights, ``W' = W + (α/r)·B·A``
@@ -237,22 +241,44 @@ def _release_state(files: Sequence[str], has_vace: bool, field_name: str) -> Dic
     return state
 
 
+def _read_deepspeed_folder(folder: str, prefix: str, ema: bool, base: Optional[str], role: str,
+                           field_name: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The generator of a ``RoleDeepSpeedStrategy`` checkpoint folder: the
+    ``role`` engine's fp32 weights (DeepSpeed's ZeRO-2/3 consolidation, read
+    safely), or with ``ema`` the folder's ``ema_state_dict``."""
+    if ema:
+        return _read_training_checkpoint(folder, prefix, True, base, field_name)
+    from vdot_ext.models.vace_acc_wan_init import read_deepspeed_role_state_dict
+    tensors = read_deepspeed_role_state_dict(folder, role, field=field_name)
+    picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not picked:
+        raise ValueError(f'{field_name}: the {role!r} engine of {folder} holds no keys under prefix {prefix!r} '
+                         f'(e.g. {sorted(tensors)[:3]}); set --ckpt_prefix')
+    if any('.lora_' in k for k in picked) and not any('.base_layer.' in k for k in picked):
+        raise ValueError(f'{field_name}: {folder} is the checkpoint of a LoRA run: its {role!r} engine holds only '
+                         f'the adapters. Give the run\'s export folder (<work_dir>/export), or the base weights '
+                         f'with --ckpt and the adapters with --lora {osp.join(folder, "lora_generator")}')
+    return picked, [f'{role!r} engine of the DeepSpeed checkpoint {folder} (fp32 master weights)']
+
+
 def read_student_weights(ckpt: Union[PathLike, Sequence[PathLike]], *, prefix: str = 'generator.',
-                         ema: bool = False, base: Optional[str] = None, field_name: str = '--ckpt'
+                         ema: bool = False, base: Optional[str] = None, role: str = 'generator',
+                         field_name: str = '--ckpt'
                          ) -> Tuple[Dict[str, torch.Tensor], Optional[dict], List[str], List[str]]:
     """(state dict in ``WanVACEScore`` layout, architecture from a config.json or
-    None, files read, notes)."""
+    None, files read, notes). ``role``: the DeepSpeed engine holding the student
+    when ``ckpt`` is a ``RoleDeepSpeedStrategy`` checkpoint folder."""
     from vdot_ext.models.checkpoint_io import resolve_checkpoint_files
+    from vdot_ext.models.vace_acc_wan_init import is_deepspeed_checkpoint
     paths = [os.fspath(p) for p in ([ckpt] if isinstance(ckpt, (str, os.PathLike)) else ckpt)]
     if not paths:
         raise ValueError(f'{field_name}: no checkpoint given')
     notes: List[str] = []
     if len(paths) == 1 and osp.isdir(paths[0]):
         folder = paths[0]
-        if osp.isfile(osp.join(folder, 'vdot_state.pth')):
-            raise ValueError(f'{field_name}: {folder} is a DeepSpeed-strategy checkpoint folder; export it first '
-                             f'(python -m vdot_ext.tools.export --ckpt <the run\'s final_model.pth>), or give '
-                             'the final_model.pth the run wrote')
+        if is_deepspeed_checkpoint(folder):
+            state, more = _read_deepspeed_folder(folder, prefix, ema, base, role, field_name)
+            return state, None, [folder], notes + more
         if not _is_release_folder(folder):
             raise FileNotFoundError(f'{field_name}: folder {folder} holds no *.safetensors (expected an export '
                                     'of vdot_ext.tools.export or a Wan2.1 / VACE release folder)')

@@ -10,3 +10,4 @@ from .ema import GeneratorEMAHook  # noqa: F401
 from .checkpointing import VDOTCheckpointHook  # noqa: F401
 from .validation_hook import ValidationHook  # noqa: F401
 from .evaluate_motion import evaluate_motion, prepare_motion_prompt  # noqa: F401
+from .export_hook import ExportGeneratorHook  # noqa: F401

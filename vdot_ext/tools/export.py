@@ -8,7 +8,9 @@
         --lora work_dirs/vdot_wan14b_lora/iter_1200.pth/lora_generator.pth --out exports/vdot_lora_merged
 
 ``--ckpt`` is anything :func:`vdot_ext.apis.student.load_student` reads (a training
-checkpoint, a stage's ``final_model.pth``, safetensors, an export or release folder).
+checkpoint, a stage's ``final_model.pth``, a DeepSpeed checkpoint folder, safetensors,
+an export or release folder). A training run already ends by writing
+``<work_dir>/export`` (``ExportGeneratorHook``); this tool re-exports other checkpoints.
 The output folder holds ``diffusion_pytorch_model-0000k-of-0000n.safetensors``, their
 ``.index.json``, ``config.json`` and ``vdot_student.json`` (:mod:`vdot_ext.apis.export`);
 diffsynth loads it with ``ModelConfig(path=[the shards])`` like the official release.
@@ -24,8 +26,8 @@ def get_parser() -> argparse.ArgumentParser:
         description='Write a VDOT student (full, EMA, or base + LoRA merged) in the Wan2.1 / VACE release layout: '
                     'sharded safetensors + index, config.json.')
     parser.add_argument('--ckpt', required=True, nargs='+',
-                        help='the student: training checkpoint (.pth), final_model.pth, safetensors file(s), or an '
-                             'export / release folder')
+                        help='the student: training checkpoint (.pth), final_model.pth, a DeepSpeed checkpoint '
+                             'folder (iter_N.pth/), safetensors file(s), or an export / release folder')
     parser.add_argument('--out', required=True, help='the export folder to write')
     parser.add_argument('--ema', action='store_true', help='export the EMA weights of a training checkpoint')
     parser.add_argument('--ema-base', default=None,

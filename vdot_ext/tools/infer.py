@@ -44,9 +44,10 @@ def get_parser() -> argparse.ArgumentParser:
                'Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl.')
     model = parser.add_argument_group('model')
     model.add_argument('--ckpt', '--ckpt_dir', dest='ckpt', type=str, default=DEFAULT_CKPT,
-                       help='The student: an export folder (python -m vdot_ext.tools.export), a Wan2.1/VACE '
-                            'release folder, safetensors files, or a training checkpoint (iter_N.pth, '
-                            f'final_model.pth). Default {DEFAULT_CKPT}.')
+                       help='The student: an export folder (<work_dir>/export of a training run, or python -m '
+                            'vdot_ext.tools.export), a Wan2.1/VACE release folder, safetensors files, or a training '
+                            'checkpoint (iter_N.pth file or DeepSpeed folder, final_model.pth). '
+                            f'Default {DEFAULT_CKPT}.')
     model.add_argument('--lora', type=str, default=None,
                        help='A LoRA file (or peft adapter folder) merged into --ckpt: base + LoRA. Default None.')
     model.add_argument('--lora_alpha', type=float, default=None,
