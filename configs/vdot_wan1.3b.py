@@ -5,7 +5,7 @@
 #   mim train vdot_ext configs/vdot_wan1.3b.py --launcher pytorch --gpus 4 \
 #     --cfg-options \
 #       model.real_score.pretrained=/ckpt/Wan2.1-VACE-1.3B \
-#       model.generator_init.source=/work/stage1_1.3b/final_model.pth \
+#       model.generator_init.source=work_dirs/vdot_wan1.3b_stage1/export \
 #       train_dataloader.dataset.manifest=/data/vcu/train.csv
 _base_ = ['./vdot_wan14b.py']
 
@@ -15,8 +15,8 @@ model = dict(
         pretrained='??? local safetensors of Wan2.1-VACE-1.3B (one set of files '
                    'holds the DiT and the VACE blocks)'),
     generator_init=dict(
-        source='??? the stage-1 few-step Wan2.1-T2V-1.3B (final_model.pth of '
-               'configs/vdot_wan1.3b_stage1.py, or safetensors of a step-distilled release)'),
+        # the export of `mim train vdot_ext configs/vdot_wan1.3b_stage1.py` (its default work dir)
+        source='work_dirs/vdot_wan1.3b_stage1/export'),
     discriminator=dict(taps=(13, 21, 29)))
 
 # ZeRO-2: optimizer states and gradients partitioned, weights replicated

@@ -7,7 +7,8 @@
 #       train_dataloader.dataset.manifest=/data/captions.csv \
 #       train_dataloader.dataset.cache_dir=/data/captions_cache
 #
-# Its final_model.pth is the AccWanInit source of configs/vdot_wan1.3b.py.
+# It ends by writing <work_dir>/export/ (release layout), the AccWanInit source of
+# configs/vdot_wan1.3b.py.
 # Memory: python -m vdot_ext.tools.plan_memory configs/vdot_wan1.3b_stage1.py --gpus 4
 _base_ = ['./vdot_wan14b_stage1.py']
 

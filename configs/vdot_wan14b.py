@@ -8,7 +8,7 @@
 #   mim train vdot_ext configs/vdot_wan14b.py --launcher pytorch --gpus 4 \
 #     --cfg-options \
 #       model.real_score.pretrained=/ckpt/Wan2.1-VACE-14B \
-#       model.generator_init.source=/work/stage1/final_model.pth \
+#       model.generator_init.source=work_dirs/vdot_wan14b_stage1/export \
 #       train_dataloader.dataset.manifest=/data/vcu/train.csv \
 #       train_dataloader.dataset.cache_dir=/data/vcu/cache
 #
@@ -25,8 +25,10 @@ model = dict(
         pretrained='??? local safetensors of Wan2.1-VACE-14B (a folder, an index.json or a list of '
                    'shard paths)'),
     generator_init=dict(
-        source='??? the stage-1 few-step Wan2.1-T2V-14B (final_model.pth of '
-               'configs/vdot_wan14b_stage1.py, or safetensors of a step-distilled release)'),
+        # the export that `mim train vdot_ext configs/vdot_wan14b_stage1.py` writes at its end
+        # (its default work dir); any release-layout folder, training checkpoint or DeepSpeed
+        # checkpoint folder of a step-distilled Wan2.1-T2V-14B works too
+        source='work_dirs/vdot_wan14b_stage1/export'),
     # register tokens on fake-score blocks 23, 31, 39 (of 40)
     discriminator=dict(taps=(23, 31, 39)))
 

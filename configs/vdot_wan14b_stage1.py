@@ -11,7 +11,8 @@
 #       train_dataloader.dataset.manifest=/data/captions.csv \
 #       train_dataloader.dataset.cache_dir=/data/captions_cache
 #
-# Its final_model.pth is the AccWanInit source of configs/vdot_wan14b.py.
+# It ends by writing <work_dir>/export/ (release layout), the AccWanInit source of
+# configs/vdot_wan14b.py.
 # Memory: python -m vdot_ext.tools.plan_memory configs/vdot_wan14b_stage1.py --gpus 4
 _base_ = ['./_base_/default_runtime.py', './_base_/models/vdot_wan_t2v.py',
           './_base_/wan_vcu_training.py',

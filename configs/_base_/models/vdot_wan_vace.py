@@ -19,7 +19,7 @@ model = dict(
     generator_init=dict(
         type='VACEAccWanInit',
         source='??? the stage-1 few-step Wan2.1-T2V of the same size (the stage-1 run\'s '
-               'final_model.pth, or safetensors of a step-distilled release)',
+               'export/ folder, a training or DeepSpeed checkpoint, or a step-distilled release)',
         source_prefix='generator.'),
     # one register token per tap, 512-d bottleneck, on fake-score blocks `taps`
     discriminator=dict(type='RegisterTokenDiscriminator',
