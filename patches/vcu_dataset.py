@@ -58,11 +58,26 @@ from vdot_ext.registry import DATASETS
 from . import tasks as vcu_tasks
 from .manifest import ManifestRow, parse_manifest, summarize_errors
 from .tasks import TASKS, SourceSample, VCUPixels, build_vcu, merge_options
-from .vcu_cache import (CACHE_DTYPES, REBUILD_TOOL, NonFiniteSampleError, VCUCache, first_nonfinite,
-                        pixel_hash, sample_key)
+from .vcu_cache import (
+    CACHE_DTYPES,
+    REBUILD_TOOL,
+    NonFiniteSampleError,
+    VCUCache,
+    first_nonfinite,
+    pixel_hash,
+    sample_key,
+)
 from .vcu_codecs import TEXT_ENCODER_TYPES, VAE_TYPES, UMT5PromptEncoder, VCUCodecs, file_fingerprint
-from .video_reader import (RESIZE_MODES, SHRINK_INTERPOLATIONS, VCUInputError, open_video, read_image, read_mask,
-                           read_video_frames, sample_frame_indices)
+from .video_reader import (
+    RESIZE_MODES,
+    SHRINK_INTERPOLATIONS,
+    VCUInputError,
+    open_video,
+    read_image,
+    read_mask,
+    read_video_frames,
+    sample_frame_indices,
+)
 
 # re-exported: configs, tools and user code import these from here
 __all__ = ['VCUManifestDataset', 'VCUCodecs', 'UMT5PromptEncoder', 'VCUCache', 'NonFiniteSampleError',

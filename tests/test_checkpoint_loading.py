@@ -7,12 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vdot_ext.models.checkpoint_io import (load_wan_vace_state_dict,
-                                           resolve_checkpoint_files)
+from vdot_ext.models.checkpoint_io import load_wan_vace_state_dict, resolve_checkpoint_files
 from vdot_ext.models.wan_vace_score import WanVACEScore
 from vdot_ext.models.weights import load_weights, read_state_dict
 from vdot_ext.utils import NonFiniteError, UnsafeCheckpointError, save_torch
-
 
 # key names of the official releases (Wan-AI/Wan2.1-T2V-*, Wan2.1-VACE-14B)
 REAL_DIT_KEYS = [

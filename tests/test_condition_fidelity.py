@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from vdot_ext.data.synthetic_videos import COLOURS, render_scene, sample_scene, vcu_pixels
-from vdot_ext.evaluation.condition_fidelity import (caption_colour_fraction, condition_fidelity, psnr,
-                                                    reference_colour_presence, vace_grey)
+from vdot_ext.evaluation.condition_fidelity import (
+    caption_colour_fraction,
+    condition_fidelity,
+    psnr,
+    reference_colour_presence,
+    vace_grey,
+)
 
 T, H, W = 5, 32, 32
 

@@ -10,8 +10,13 @@ import torch
 import torch.nn as nn
 from mmengine.logging import HistoryBuffer, MMLogger
 
-from vdot_ext.engine.deepspeed_checkpoint import (CHECKPOINT_STATE, deepspeed_safe_globals, load_rng_state,
-                                                  read_checkpoint_state, staging_folder)
+from vdot_ext.engine.deepspeed_checkpoint import (
+    CHECKPOINT_STATE,
+    deepspeed_safe_globals,
+    load_rng_state,
+    read_checkpoint_state,
+    staging_folder,
+)
 from vdot_ext.engine.deepspeed_strategy import RoleDeepSpeedStrategy
 from vdot_ext.utils import UnsafeCheckpointError, set_rng_state
 

@@ -169,9 +169,10 @@ def test_two_processes_zero3_resume_and_zero2(tmp_path):
 
 def test_plain_runner_path_unchanged(tmp_path):
     """Without ``strategy`` the same config trains on mmengine's Runner."""
-    from vdot_ext.engine.deepspeed_strategy import build_runner
     from mmengine.config import Config
     from mmengine.runner import Runner
+
+    from vdot_ext.engine.deepspeed_strategy import build_runner
     cfg = tiny_config(tmp_path / 'plain.py', max_iters=2, strategy=False, checkpoint_interval=2)
     cfg = Config.fromfile(str(cfg))
     cfg.work_dir = str(tmp_path / 'plain')
@@ -190,6 +191,7 @@ def test_role_config_maps_optim_wrapper_fields():
     engine's gradient_clipping/gradient_accumulation_steps; per-role
     overrides win; no network, no process group needed."""
     from mmengine.optim import OptimWrapper
+
     from vdot_ext.engine.deepspeed_strategy import RoleDeepSpeedStrategy
     strategy = RoleDeepSpeedStrategy.__new__(RoleDeepSpeedStrategy)
     strategy.config = dict(zero_optimization=dict(stage=3), bf16=dict(enabled=True))

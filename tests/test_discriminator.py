@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vdot_ext.models  # noqa: F401  (registers the models)
-from vdot_ext.models.register_token_discriminator import (
-    RegisterTokenDiscriminator, default_taps)
+from vdot_ext.models.register_token_discriminator import RegisterTokenDiscriminator, default_taps
 from vdot_ext.models.wan_vace_score import WanVACEScore
 from vdot_ext.registry import MODELS
 

@@ -13,10 +13,22 @@ import pytest
 import torch
 
 from vdot_ext.engine.optim import RoleOptimWrapperConstructor
-from vdot_ext.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DIFFSYNTH_WEIGHTS, LoRAAdapter,
-                                  canonical_lora_key, is_lora_key, lora_scale, lora_state_dict,
-                                  load_lora_state_dict, merge_lora_state_dict, merged_state_dict,
-                                  peft_config_dict, read_lora_adapter, save_lora_adapter)
+from vdot_ext.models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DIFFSYNTH_WEIGHTS,
+    LoRAAdapter,
+    canonical_lora_key,
+    is_lora_key,
+    load_lora_state_dict,
+    lora_scale,
+    lora_state_dict,
+    merge_lora_state_dict,
+    merged_state_dict,
+    peft_config_dict,
+    read_lora_adapter,
+    save_lora_adapter,
+)
 from vdot_ext.models.wan_vace_score import WanVACEScore
 from vdot_ext.registry import MODELS
 
@@ -214,6 +226,7 @@ def test_base_rewriting_initialisations_are_refused(tmp_path):
 def test_zero3_lora_checkpoint_and_merge_equal_live(tmp_path):
     from _deepspeed_worker import tiny_config
     from test_deepspeed_strategy import job, launch, load
+
     from vdot_ext.tools.merge_lora import main as merge_main
     cfg = tiny_config(tmp_path / 'lora_z3.py', zero_stage=3, max_iters=4, lora=True,
                       checkpoint_interval=4, ema=True)

@@ -38,8 +38,8 @@ def test_each_component_builds_from_a_config_dict(tmp_path):
 def test_default_scope_config_builds_through_mmengine_root_registry():
     """A config with default_scope='vdot_ext' finds our classes from mmengine's
     root registry (what the Runner does)."""
-    from mmengine.registry import DefaultScope
     from mmengine.registry import MODELS as ROOT_MODELS
+    from mmengine.registry import DefaultScope
     with DefaultScope.overwrite_default_scope('vdot_ext'):
         loss = ROOT_MODELS.build(dict(type='DMDLoss'))
     assert type(loss) is vdot_ext.DMDLoss

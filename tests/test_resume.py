@@ -26,8 +26,13 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-from vdot_ext.engine.checkpointing import (VDOTCheckpointHook, checkpoint_problem, message_hub_from_plain,
-                                           message_hub_to_plain, resolve_resume_checkpoint)
+from vdot_ext.engine.checkpointing import (
+    VDOTCheckpointHook,
+    checkpoint_problem,
+    message_hub_from_plain,
+    message_hub_to_plain,
+    resolve_resume_checkpoint,
+)
 from vdot_ext.engine.compat import install_safe_checkpoint_loader, load_local_checkpoint
 from vdot_ext.models.flow_matching_pretrainer import FlowMatchingPretrainer
 from vdot_ext.registry import DATASETS, MODELS

@@ -19,8 +19,14 @@ from torch.utils.data import Dataset
 from vdot_ext.engine.compat import install_safe_checkpoint_loader
 from vdot_ext.engine.config_checks import ConfigCheckError, check_required_fields
 from vdot_ext.engine.hooks import read_loss_curves
-from vdot_ext.engine.stages import (DONE_FILE, REPLACED_DIR, STARTED_FILE, StageConflictError, run_stages,
-                                    validate_stages)
+from vdot_ext.engine.stages import (
+    DONE_FILE,
+    REPLACED_DIR,
+    STARTED_FILE,
+    StageConflictError,
+    run_stages,
+    validate_stages,
+)
 from vdot_ext.registry import DATASETS, FUNCTIONS, HOOKS
 from vdot_ext.utils import safe_torch_load
 

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from vdot_ext.engine.optim import RoleOptimWrapperConstructor
-from vdot_ext.models.step_plans import (STEP_PLANS, CyclicStepPlan, Step, StepPlan, VDOTAlgorithm1,
-                                        build_schedule, vdot_step_plan)
+from vdot_ext.models.step_plans import (
+    STEP_PLANS,
+    CyclicStepPlan,
+    Step,
+    StepPlan,
+    VDOTAlgorithm1,
+    build_schedule,
+    vdot_step_plan,
+)
 from vdot_ext.registry import MODELS
 
 B, F, H, W, L = 1, 2, 8, 8, 6

@@ -6,11 +6,26 @@ import numpy as np
 import pytest
 import torch
 
-from vdot_ext.data.synthetic_videos import (COLOURS, TASKS, SyntheticVideoDataset, caption_vocabulary,
-                                            prepare_tiny_codecs, render_scene, sample_scene, scene_caption,
-                                            vcu_pixels)
-from vdot_ext.data.video_io import (read_png, read_video, side_by_side, uint8_to_video,
-                                    video_to_uint8, write_mp4, write_png)
+from vdot_ext.data.synthetic_videos import (
+    COLOURS,
+    TASKS,
+    SyntheticVideoDataset,
+    caption_vocabulary,
+    prepare_tiny_codecs,
+    render_scene,
+    sample_scene,
+    scene_caption,
+    vcu_pixels,
+)
+from vdot_ext.data.video_io import (
+    read_png,
+    read_video,
+    side_by_side,
+    uint8_to_video,
+    video_to_uint8,
+    write_mp4,
+    write_png,
+)
 from vdot_ext.models.tiny_codecs import TinyTextEncoder, TinyWanVAE, WordTokenizer
 from vdot_ext.patches import tasks as vcu_tasks
 from vdot_ext.patches.vcu import encode_vcu

@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from vdot_ext.models.tiny_codecs import (TinyTextEncoder, TinyWanVAE, WordTokenizer,
-                                         recon_psnr, train_tiny_vae)
+from vdot_ext.models.tiny_codecs import TinyTextEncoder, TinyWanVAE, WordTokenizer, recon_psnr, train_tiny_vae
 from vdot_ext.utils import NonFiniteError, UnsafeCheckpointError, save_torch
 
 VOCAB = ['a', 'red', 'blue', 'circle', 'square', 'moving', 'left', 'on', 'background']

@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from vdot_ext.utils import (UnsafeCheckpointError, atomic_write, get_rng_state, load_tensor_file,
-                            merge_dicts, safe_torch_load, save_safetensors, save_torch,
-                            set_rng_state, stable_hash)
+from vdot_ext.utils import (
+    UnsafeCheckpointError,
+    atomic_write,
+    get_rng_state,
+    load_tensor_file,
+    merge_dicts,
+    safe_torch_load,
+    save_safetensors,
+    save_torch,
+    set_rng_state,
+    stable_hash,
+)
 
 
 class _RunsCode:

@@ -17,8 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmengine.runner import Runner
 
-from vdot_ext.engine.validation_hook import (METRICS_FILE, ValidationHook, held_out_indices,
-                                             read_validation_history)
+from vdot_ext.engine.validation_hook import METRICS_FILE, ValidationHook, held_out_indices, read_validation_history
 
 TASKS = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
 

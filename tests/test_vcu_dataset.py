@@ -246,6 +246,7 @@ def test_bad_samples_raise_or_are_skipped(env, caplog):
 
 def test_shape_grouped_batches_and_registry(env):
     from mmengine.dataset import DefaultSampler, default_collate
+
     from vdot_ext.data.batch_samplers import ShapeGroupedBatchSampler
     from vdot_ext.registry import DATASETS
     rows = [dict(task='grey'), dict(task='reference', ref_images=['ref.png']), dict(task='t2v'),
@@ -276,6 +277,7 @@ def test_skip_mode_survives_a_shape_group_that_is_all_bad(env, caplog):
     """Both 1-reference samples have a corrupt video: their batch is served by the
     0-reference group (deterministically, one group per batch) and collates."""
     from mmengine.dataset import DefaultSampler, default_collate
+
     from vdot_ext.data.batch_samplers import ShapeGroupedBatchSampler
     rows = [dict(id='g0', task='grey'), dict(id='g1', task='t2v'),
             dict(id='r0', task='reference', video='corrupt.mp4', ref_images=['ref.png']),

@@ -9,8 +9,7 @@ import re
 import pytest
 
 from vdot_ext.patches.manifest import detect_layout, parse_manifest, summarize_errors
-from vdot_ext.patches.tasks import (COMPOSITE_TASKS, DEFAULT_OPTIONS, SINGLE_TASKS, TASKS, UVCBENCH_TASKS,
-                                    resolve_task)
+from vdot_ext.patches.tasks import COMPOSITE_TASKS, DEFAULT_OPTIONS, SINGLE_TASKS, TASKS, UVCBENCH_TASKS, resolve_task
 from vdot_ext.patches.video_reader import VCUInputError
 
 

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from vdot_ext.data.video_io import read_video, write_mp4, write_png
-from vdot_ext.patches.video_reader import (VCUInputError, frame_geometry, open_video, read_image,
-                                           read_mask, read_video_frames, sample_frame_indices)
+from vdot_ext.patches.video_reader import (
+    VCUInputError,
+    frame_geometry,
+    open_video,
+    read_image,
+    read_mask,
+    read_video_frames,
+    sample_frame_indices,
+)
 
 
 def coded_video(num_frames, height=48, width=64):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vdot_ext.data.video_io import read_png, read_video, write_mp4, write_png
 from vdot_ext.patches import conditions as C
-from vdot_ext.patches.tasks import (SourceSample, TASKS, UVCBENCH_TASKS, build_vcu)
+from vdot_ext.patches.tasks import TASKS, UVCBENCH_TASKS, SourceSample, build_vcu
 from vdot_ext.patches.vcu_dataset import VCUManifestDataset
 from vdot_ext.patches.video_reader import VCUInputError
 

@@ -6,8 +6,7 @@ from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
 from diffsynth.pipelines.wan_video import model_fn_wan_video
 
 from vdot_ext.models.flow_matching import x0_from_velocity
-from vdot_ext.models.wan_vace_score import (PRESETS, ScoreFeatures,
-                                            WanVACEScore, count_parameters)
+from vdot_ext.models.wan_vace_score import PRESETS, ScoreFeatures, WanVACEScore, count_parameters
 from vdot_ext.registry import MODELS
 
 

@@ -36,8 +36,15 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import HistoryBuffer, print_log
 
 from vdot_ext.registry import HOOKS
-from vdot_ext.utils import (UnsafeCheckpointError, atomic_write, get_rng_state, is_main_process, safe_torch_load,
-                            set_rng_state, unwrap_model)
+from vdot_ext.utils import (
+    UnsafeCheckpointError,
+    atomic_write,
+    get_rng_state,
+    is_main_process,
+    safe_torch_load,
+    set_rng_state,
+    unwrap_model,
+)
 
 HISTORY_BUFFER_TAG = '__vdot_history_buffer__'
 RNG_KEY = 'rng_state'

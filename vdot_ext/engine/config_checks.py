@@ -198,6 +198,7 @@ _OPAQUE = {'STRATEGIES'}
 
 def _registries() -> Dict[str, Any]:
     import mmengine.runner  # noqa: F401  (registers mmengine's own types: optimizers, hooks, loops)
+
     import vdot_ext.registry as registry
     return {name: getattr(registry, name) for name in registry.__all__}
 

@@ -62,13 +62,28 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from vdot_ext.registry import STRATEGIES
 from vdot_ext.utils import barrier, merge_dicts, set_rng_state
-from vdot_ext.utils.zero import (gathered, gathered_state_dict, is_partitioned, load_full_state_dict,
-                                 register_external_parameters)
+from vdot_ext.utils.zero import (
+    gathered,
+    gathered_state_dict,
+    is_partitioned,
+    load_full_state_dict,
+    register_external_parameters,
+)
 
-from .deepspeed_checkpoint import (CHECKPOINT_STATE, LORA_DIR, RNG_FILE, load_rng_state,
-                                   optimised_parameters_only, publish_folder, read_checkpoint_state,
-                                   remove_path, save_rng_state, staging_folder, use_safe_checkpoint_engine,
-                                   write_checkpoint_state)
+from .deepspeed_checkpoint import (
+    CHECKPOINT_STATE,
+    LORA_DIR,
+    RNG_FILE,
+    load_rng_state,
+    optimised_parameters_only,
+    publish_folder,
+    read_checkpoint_state,
+    remove_path,
+    save_rng_state,
+    staging_folder,
+    use_safe_checkpoint_engine,
+    write_checkpoint_state,
+)
 from .deepspeed_optim_wrapper import DeepSpeedRoleOptimWrapper
 from .optim import role_modules
 from .runner_builder import build_runner

@@ -65,8 +65,13 @@ from mmengine.logging import MMLogger, print_log
 from vdot_ext.registry import FUNCTIONS
 from vdot_ext.utils import is_main_process, merge_dicts, save_torch, stable_hash, unwrap_model, write_json
 
-from .config_checks import (ConfigCheckError, check_build_specs, check_distributed_launch,
-                            find_required_fields, raise_problems)
+from .config_checks import (
+    ConfigCheckError,
+    check_build_specs,
+    check_distributed_launch,
+    find_required_fields,
+    raise_problems,
+)
 
 DONE_FILE = 'stage_done.json'
 STARTED_FILE = 'stage_started.json'

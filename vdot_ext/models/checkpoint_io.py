@@ -98,7 +98,9 @@ def convert_dit_state_dict(state_dict: Dict[str, torch.Tensor]
                            ) -> Dict[str, torch.Tensor]:
     """Raw checkpoint keys -> ``WanModel`` keys via diffsynth's converters."""
     from diffsynth.utils.state_dict_converters.wan_video_dit import (
-        WanVideoDiTFromDiffusers, WanVideoDiTStateDictConverter)
+        WanVideoDiTFromDiffusers,
+        WanVideoDiTStateDictConverter,
+    )
     if is_diffusers_layout(state_dict):
         return WanVideoDiTFromDiffusers(state_dict)
     return WanVideoDiTStateDictConverter(state_dict)
@@ -107,8 +109,7 @@ def convert_dit_state_dict(state_dict: Dict[str, torch.Tensor]
 def convert_vace_state_dict(state_dict: Dict[str, torch.Tensor]
                             ) -> Dict[str, torch.Tensor]:
     """Raw checkpoint keys -> ``VaceWanModel`` keys (diffsynth converter)."""
-    from diffsynth.utils.state_dict_converters.wan_video_vace import \
-        VaceWanModelDictConverter
+    from diffsynth.utils.state_dict_converters.wan_video_vace import VaceWanModelDictConverter
     return VaceWanModelDictConverter(state_dict)
 
 

@@ -20,7 +20,7 @@ The hidden states are layer-normalised (no affine) before the bottleneck
 because the DiT residual stream is unnormalised and its scale grows with depth.
 Attention has no positional terms: the discriminator pools a token set.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

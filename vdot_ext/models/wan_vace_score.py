@@ -234,8 +234,7 @@ class WanVACEScore(nn.Module):
                  dtype: Union[str, torch.dtype, None] = None):
         super().__init__()
         # diffsynth imported here: keeps `import vdot_ext.models` light
-        from diffsynth.core.vram.initialization import \
-            skip_model_initialization
+        from diffsynth.core.vram.initialization import skip_model_initialization
         from diffsynth.models.wan_video_dit import WanModel
         from diffsynth.models.wan_video_vace import VaceWanModel
 
@@ -282,8 +281,7 @@ class WanVACEScore(nn.Module):
             self.vace = VaceWanModel(**vace_kwargs) if vace_kwargs else None
 
         if pretrained is not None:
-            from vdot_ext.models.checkpoint_io import (
-                load_state_dict_checked, load_wan_vace_state_dict)
+            from vdot_ext.models.checkpoint_io import load_state_dict_checked, load_wan_vace_state_dict
             dit_sd, vace_sd, files = load_wan_vace_state_dict(
                 pretrained, has_vace=self.vace is not None,
                 torch_dtype=dtype, field='pretrained')

@@ -298,9 +298,16 @@ def quality_vs_steps(run: Run, root: str, student_steps: Sequence[int], teacher_
     import torch
 
     from vdot_ext.engine.evaluate_demo import evaluate_vdot
-    from vdot_ext.engine.validation_hook import (decode, held_out_indices, mean_metrics, renoise_seed,
-                                                 sample_noise, student_latents, teacher_latents,
-                                                 uniform_few_step_timesteps)
+    from vdot_ext.engine.validation_hook import (
+        decode,
+        held_out_indices,
+        mean_metrics,
+        renoise_seed,
+        sample_noise,
+        student_latents,
+        teacher_latents,
+        uniform_few_step_timesteps,
+    )
     from vdot_ext.evaluation.condition_fidelity import condition_fidelity
     from vdot_ext.models.tiny_codecs import TinyWanVAE, file_sha256
     from vdot_ext.models.weights import load_weights

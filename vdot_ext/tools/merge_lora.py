@@ -33,8 +33,14 @@ from typing import Dict, List
 
 import torch
 
-from vdot_ext.models.lora import (BASE_MARK, check_mergeable, is_lora_key, lora_scale, merge_lora_state_dict,
-                                  read_lora_adapter)
+from vdot_ext.models.lora import (
+    BASE_MARK,
+    check_mergeable,
+    is_lora_key,
+    lora_scale,
+    merge_lora_state_dict,
+    read_lora_adapter,
+)
 from vdot_ext.utils import save_safetensors, save_torch
 
 

@@ -24,11 +24,11 @@ import json
 import logging
 import os
 import sys
-
-import torch
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional
+
+import torch
 
 logger = logging.getLogger('vdot_ext.precompute_vcu')
 

@@ -106,8 +106,12 @@ def _build_single_runner(cfg, args, work_dir):
     from mmengine.logging import print_log
 
     from vdot_ext.engine.checkpointing import resolve_resume_checkpoint
-    from vdot_ext.engine.config_checks import (ConfigCheckError, check_build_specs, check_distributed_launch,
-                                               raise_problems)
+    from vdot_ext.engine.config_checks import (
+        ConfigCheckError,
+        check_build_specs,
+        check_distributed_launch,
+        raise_problems,
+    )
     from vdot_ext.engine.deepspeed_strategy import build_runner
 
     check_distributed_launch(cfg, args.launcher, args.config)

@@ -9,8 +9,16 @@ from .dicts import merge_dicts
 from .dist import barrier, is_main_process, unwrap_model
 from .finite import NonFiniteError, assert_finite_state_dict, nonfinite_names
 from .hashing import stable_hash
-from .io import (TRUST_PICKLE_ENV, UnsafeCheckpointError, atomic_write, load_tensor_file,
-                 safe_torch_load, save_safetensors, save_torch, write_json)
+from .io import (
+                 TRUST_PICKLE_ENV,
+                 UnsafeCheckpointError,
+                 atomic_write,
+                 load_tensor_file,
+                 safe_torch_load,
+                 save_safetensors,
+                 save_torch,
+                 write_json,
+)
 from .rng import get_rng_state, set_rng_state
 
 __all__ = [
