@@ -32,7 +32,7 @@ from mmengine.logging import print_log
 from vdot_ext.registry import DATASETS, FUNCTIONS, MODELS
 from vdot_ext.utils import save_safetensors, write_json
 
-from .stages import DONE_FILE, FINAL_WEIGHTS, WORK_DIR_TOKEN
+from .stages import DONE_FILE, FINAL_WEIGHTS, WORK_DIR_TOKEN, substitute
 
 METRIC_KEYS = ('dynamic_degree', 'motion_magnitude', 'warping_error')
 METRICS_FILE = 'metrics.json'
@@ -81,16 +81,6 @@ def prepare_motion_prompt(work_dir: str,
     return dict(prompt_embedding=path, prompt=prompt, shape=list(embedding.shape))
 
 
-def _substitute(obj, old: str, new: str):
-    if isinstance(obj, str):
-        return obj.replace(old, new)
-    if isinstance(obj, dict):
-        return {k: _substitute(v, old, new) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_substitute(v, old, new) for v in obj)
-    return obj
-
-
 def resolve_model_entry(name: str, entry: ModelEntry) -> dict:
     """``dict(model=<config>, checkpoint=<weights>)`` of a list entry: given as such, or a finished training
     stage's folder, whose ``stage_done.json`` holds the model config it trained (``{work_dir}`` = the folder's
@@ -114,7 +104,7 @@ def resolve_model_entry(name: str, entry: ModelEntry) -> dict:
     if not isinstance(model, dict):
         raise ValueError(f'{where}: {marker} records no model config (a call stage, or an older marker)')
     recipe_dir = osp.dirname(osp.abspath(entry.rstrip(os.sep)))
-    return dict(model=_substitute(model, WORK_DIR_TOKEN, recipe_dir), checkpoint=osp.join(entry, FINAL_WEIGHTS))
+    return dict(model=substitute(model, WORK_DIR_TOKEN, recipe_dir), checkpoint=osp.join(entry, FINAL_WEIGHTS))
 
 
 def _load_distiller(name: str, entry: ModelEntry):

@@ -98,13 +98,15 @@ class StageConflictError(ConfigCheckError):
 # ---------------------------------------------------------------------------
 # resolving stage configs
 # ---------------------------------------------------------------------------
-def _substitute(obj: Any, old: str, new: str) -> Any:
+def substitute(obj: Any, old: str, new: str) -> Any:
+    """``old`` replaced by ``new`` in every string of a nested config (the
+    ``{work_dir}`` placeholder and back)."""
     if isinstance(obj, str):
         return obj.replace(old, new)
     if isinstance(obj, dict):
-        return {k: _substitute(v, old, new) for k, v in obj.items()}
+        return {k: substitute(v, old, new) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_substitute(v, old, new) for v in obj)
+        return type(obj)(substitute(v, old, new) for v in obj)
     return obj
 
 
@@ -165,7 +167,7 @@ class _Stage:
     def __init__(self, name: str, cfg: Config, common: dict, work_dir: str):
         self.name = name
         self.dir = osp.join(work_dir, name)
-        stage = _substitute(_plain(cfg.stages[name]), WORK_DIR_TOKEN, work_dir)
+        stage = substitute(_plain(cfg.stages[name]), WORK_DIR_TOKEN, work_dir)
         self.kind = 'call' if 'call' in stage else 'runner'
         self.own = stage[self.kind]                     # the stage's own dict, substituted
         if self.kind == 'runner':
@@ -175,7 +177,7 @@ class _Stage:
         else:
             self.run_cfg = dict(self.own)
             hashed = dict(call=self.own, default_scope=common.get('default_scope'))
-        hashed = _json_plain(_substitute(hashed, work_dir, WORK_DIR_TOKEN))
+        hashed = _json_plain(substitute(hashed, work_dir, WORK_DIR_TOKEN))
         for key in NOT_HASHED:
             _drop(hashed, key)
         self.resolved = hashed

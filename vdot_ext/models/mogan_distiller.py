@@ -148,30 +148,11 @@ class LatentVideoDiscriminator(MotionDiscriminator):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Logits [B] (float32) for latents [B, in_channels, F, h, w]."""
-        from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
         if latents.ndim != 5 or latents.shape[1] != self.in_channels:
             raise ValueError(f'LatentVideoDiscriminator.forward: latents must be [B, {self.in_channels}, F, h, w], '
                              f'got {tuple(latents.shape)}')
-        # the rest is MotionDiscriminator.forward after its flow embedding (t* = 0, fixed prompt, taps, heads)
-        x, (f, h, w) = self.embed(latents)
-        b, dtype, d = x.shape[0], x.dtype, self.arch['dim']
-        t = torch.zeros(b, dtype=dtype, device=x.device)
-        t_mod = self.time_projection(self.time_embedding(sinusoidal_embedding_1d(self.arch['freq_dim'], t)))
-        t_mod = t_mod.unflatten(1, (6, d))
-        context = self.text_embedding(self.prompt_embedding.to(dtype)).expand(b, -1, -1)
-        freqs = torch.cat([
-            self.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-            self.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-            self.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-        ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
-        tap_index = {tap: i for i, tap in enumerate(self.taps)}
-        hidden = [None] * len(self.taps)
-        for i, block in enumerate(self.blocks):
-            x = self._run(block, x, context, t_mod, freqs)
-            if i in tap_index:
-                hidden[tap_index[i]] = x
-        features = [head(h_k) for head, h_k in zip(self.heads, hidden)]
-        return self.final_mlp(torch.cat(features, dim=1)).squeeze(1).float()
+        # the same backbone and heads as MotionDiscriminator (t* = 0, fixed prompt, taps, heads)
+        return self.logits_from_tokens(*self.embed(latents))
 
 
 LatentVideoDiscriminator.__signature__ = _merged_signature(LatentVideoDiscriminator, MotionDiscriminator)

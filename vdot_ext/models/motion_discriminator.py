@@ -303,11 +303,15 @@ class MotionDiscriminator(nn.Module):
 
     def forward(self, flows: torch.Tensor) -> torch.Tensor:
         """Logits [B] (float32) for raw flows [B, T−1, 2, H, W] (pixels)."""
-        from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
         if flows.ndim != 5 or flows.shape[2] != 2:
             raise ValueError(f'MotionDiscriminator.forward: flows must be [B, T−1, 2, H, W], got '
                              f'{tuple(flows.shape)}')
-        x, (f, h, w) = self.embed(flows)
+        return self.logits_from_tokens(*self.embed(flows))
+
+    def logits_from_tokens(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """The backbone and heads on embedded tokens [B, N, dim] of a (f, h, w) grid."""
+        from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
+        f, h, w = grid
         b, dtype, d = x.shape[0], x.dtype, self.arch['dim']
         # t* = 0 (MoGAN §4.3): e = time_embedding(sinusoid(0)); adaLN e6 = time_projection(e)
         t = torch.zeros(b, dtype=dtype, device=x.device)

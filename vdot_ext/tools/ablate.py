@@ -287,8 +287,8 @@ def share_prefix(cfg, work_dir: str, sources: Sequence[str], mode: str = 'symlin
 # quality vs sampling steps
 # ---------------------------------------------------------------------------
 def _tokenised(obj, work_dir: str):
-    from vdot_ext.engine.stages import WORK_DIR_TOKEN, _substitute
-    return _substitute(obj, osp.abspath(work_dir), WORK_DIR_TOKEN)
+    from vdot_ext.engine.stages import WORK_DIR_TOKEN, substitute
+    return substitute(obj, osp.abspath(work_dir), WORK_DIR_TOKEN)
 
 
 def quality_vs_steps(run: Run, root: str, student_steps: Sequence[int], teacher_steps: Sequence[int],
