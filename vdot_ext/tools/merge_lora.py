@@ -2,7 +2,7 @@
 
     python -m vdot_ext.tools.merge_lora \
         --lora work_dirs/vdot_wan14b_lora/iter_1200.pth/lora_generator \
-        --base /ckpt/Wan2.1-VACE-14B /work/stage1/final_model.pth \
+        --base /ckpt/Wan2.1-VACE-14B work_dirs/vdot_wan14b_stage1/export \
         --out generator_merged.safetensors --release-layout
 
 ``--lora``: an adapter folder in peft's layout (``adapter_config.json`` +
