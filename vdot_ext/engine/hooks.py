@@ -83,8 +83,11 @@ class LossCurveHook(Hook):
 
     def _plotted(self) -> List[str]:
         if self.keys is None:
+            # losses, gradient norms, OT cost and marginal errors, and the
+            # generator's per-term shares: the quantities that move
             return sorted(k for k in self.history
-                          if 'loss' in k or k.endswith(('grad_norm', '_err')))
+                          if 'loss' in k or 'grad_norm' in k or k.endswith('_err')
+                          or k.startswith(('otd_w_eps', 'otd_transport_cost', 'gen_x_share', 'gen_x_cos')))
         return sorted(k for k in self.history if k.startswith(self.keys))
 
     def write(self, out_dir: str, title: str = '') -> None:
