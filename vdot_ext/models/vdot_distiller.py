@@ -32,11 +32,9 @@ from vdot_ext.registry import MODELS
 from vdot_ext.utils import NonFiniteError
 
 from .checkpoint_io import check_state_dict
-from .flow_matching import (add_noise, few_step_timesteps, sample_timesteps,
-                            shift_timesteps, x0_from_velocity)
+from .flow_matching import add_noise, few_step_timesteps, sample_timesteps, shift_timesteps, x0_from_velocity
 from .guarded_step import GuardedStep, NonFiniteGuard
-from .step_plans import (Step, StepPlan, StepSchedule, VDOTAlgorithm1, build_schedule,
-                         vdot_step_plan)
+from .step_plans import Step, StepPlan, StepSchedule, VDOTAlgorithm1, build_schedule, vdot_step_plan
 from .weights import load_weights
 
 __all__ = ['VDOTDistiller', 'StepPlan', 'Step', 'vdot_step_plan', 'distribution_matching_gradients',
