@@ -85,3 +85,11 @@ def test_merge_and_hash():
     assert merge_dicts({'a': {'b': 1, 'c': 2}}, {'a': {'b': 3, '_delete_': True}}) == {'a': {'b': 3}}
     assert stable_hash({'b': 1, 'a': [1, 2]}) == stable_hash({'a': [1, 2], 'b': 1})
     assert stable_hash({'a': 1}) != stable_hash({'a': 2})
+
+
+def test_a_torn_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / 'torn.pth'
+    save_torch({'w': torch.ones(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:200])   # killed mid-write without atomic_write
+    with pytest.raises(RuntimeError, match=r'resume: cannot load .*torn\.pth'):
+        safe_torch_load(str(path), field='resume')

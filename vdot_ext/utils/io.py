@@ -140,15 +140,8 @@ def safe_torch_load(path: str, *, map_location='cpu', field: str = 'checkpoint',
                 f'{field}: refusing to load {path}: it needs arbitrary unpickling of '
                 f'{unsafe[:8]}, which can run code. If you trust this file, set '
                 f'{TRUST_PICKLE_ENV}=1 (or re-save it as safetensors).') from exc
-        raise type(exc)(f'{field}: cannot load {path}: {exc}') if _rewrappable(exc) else exc
-
-
-def _rewrappable(exc: Exception) -> bool:
-    try:
-        type(exc)('x')
-        return True
-    except Exception:
-        return False
+        # a torn or corrupt file: name it (the original error is chained)
+        raise RuntimeError(f'{field}: cannot load {path}: {type(exc).__name__}: {exc}') from exc
 
 
 def _unsafe_globals(path: str) -> list:
