@@ -131,7 +131,7 @@ MARKER = None
 
 
 def test_deepspeed_engine_files_load_without_running_code(tmp_path):
-    """DeepSpeed's own TorchCheckpointEngine unpickles with weights_only=False:
+    """DeepSpeed's own TorchCheckpointEngine unpickles fully (no weights_only):
     a crafted engine file runs code. The strategy's engine refuses it and still
     loads what DeepSpeed really writes (loss scaler, ZeRO stage enum, fragment
     addresses)."""

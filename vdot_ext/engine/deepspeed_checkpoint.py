@@ -22,7 +22,7 @@ Safe loading: ``vdot_state.pth`` and the RNG files load with
 engine files are read through :class:`SafeTorchCheckpointEngine`, which loads
 them with ``weights_only=True`` and an allow-list of the four DeepSpeed classes
 they hold (``LossScaler``, ``DynamicLossScaler``, ``ZeroStageEnum``,
-``fragment_address``), instead of DeepSpeed's ``weights_only=False``.
+``fragment_address``), instead of DeepSpeed's full unpickling.
 """
 import functools
 import os

@@ -96,7 +96,7 @@ def read_deepspeed_role_state_dict(folder: str, role: str = 'generator',
     ``*_optim_states.pt`` per rank) are consolidated by DeepSpeed's own
     ``zero_to_fp32`` code (ZeRO-2 and ZeRO-3; the fp32 master weights, as
     ``get_fp32_state_dict_from_zero_checkpoint`` returns them). That helper
-    unpickles with ``weights_only=False``; here the files are read with
+    unpickles fully (code can run); here the files are read with
     ``weights_only=True`` (``safe_torch_load`` + :func:`deepspeed_safe_globals`)
     and handed to its consolidation functions. Parameters left out of the
     checkpoint (``exclude_frozen_parameters``: a LoRA run's base weights) are
