@@ -35,6 +35,7 @@ from typing import Dict, List
 import torch
 
 from vdot_ext.utils import load_tensor_file, safe_torch_load, save_torch
+from vdot_ext.utils.zero import deepspeed_safe_globals, load_deepspeed_file  # noqa: F401 (re-exported)
 
 from .checkpointing import message_hub_to_plain, restore_plain_containers
 
@@ -49,14 +50,6 @@ _ENTRY_NAME = re.compile(r'^[A-Za-z0-9_\-]+$')
 # ----------------------------------------------------------------------
 # DeepSpeed's engine files, loaded without unpickling code
 # ----------------------------------------------------------------------
-def deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19 writes into its engine files."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 @functools.lru_cache(maxsize=None)
 def _safe_checkpoint_engine_class():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -66,9 +59,7 @@ def _safe_checkpoint_engine_class():
         from the file (``weights_only=True`` + :func:`deepspeed_safe_globals`)."""
 
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                return safe_torch_load(path, map_location=map_location or 'cpu',
-                                       field='DeepSpeed engine checkpoint')
+            return load_deepspeed_file(path, 'DeepSpeed engine checkpoint', map_location or 'cpu')
 
     return SafeTorchCheckpointEngine
 

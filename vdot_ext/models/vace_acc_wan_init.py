@@ -51,7 +51,8 @@ from vdot_ext.models.checkpoint_io import (
 )
 from vdot_ext.models.weights import read_state_dict
 from vdot_ext.registry import MODELS
-from vdot_ext.utils import assert_finite_state_dict, safe_torch_load
+from vdot_ext.utils import assert_finite_state_dict
+from vdot_ext.utils.zero import deepspeed_safe_globals, load_deepspeed_file  # noqa: F401 (re-exported)
 
 _SHOW = 5
 # RoleDeepSpeedStrategy's checkpoint folder (vdot_ext/engine/deepspeed_checkpoint.py):
@@ -70,18 +71,8 @@ def is_deepspeed_checkpoint(path) -> bool:
         and osp.isfile(osp.join(path, DEEPSPEED_STATE_FILE))
 
 
-def deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19 pickles into its engine files
-    (allowed on top of ``safe_torch_load``'s list; nothing that runs code)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 def _load_engine_file(path: str, field: str) -> dict:
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        obj = safe_torch_load(path, field=field)
+    obj = load_deepspeed_file(path, field)
     if not isinstance(obj, dict):
         raise ValueError(f'{field}: {path} holds a {type(obj).__name__}, expected a DeepSpeed state dict')
     return obj

@@ -117,3 +117,20 @@ def register_external_parameters(module: nn.Module) -> int:
         for owner, param in pairs:
             register_external_parameter(owner, param)
     return len(pairs)
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its engine files
+    (allowed on top of ``safe_torch_load``'s list; none of them runs code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str, field: str, map_location='cpu'):
+    """One of DeepSpeed's engine files (model / optimizer states), loaded with
+    ``weights_only=True`` and :func:`deepspeed_safe_globals`: never runs code."""
+    from .io import safe_torch_load
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return safe_torch_load(path, map_location=map_location, field=field)
