@@ -11,10 +11,8 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from torch.utils.data import Dataset
 
 from vdot_ext.engine.compat import install_safe_checkpoint_loader
 from vdot_ext.engine.config_checks import ConfigCheckError, check_required_fields
@@ -27,7 +25,7 @@ from vdot_ext.engine.stages import (
     run_stages,
     validate_stages,
 )
-from vdot_ext.registry import DATASETS, FUNCTIONS, HOOKS
+from vdot_ext.registry import FUNCTIONS, HOOKS
 from vdot_ext.utils import safe_torch_load
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -39,24 +37,6 @@ CRASH = {}
 def record_call_for_test(work_dir, path, value):
     CALLS.append((work_dir, path, value))
     return dict(path=path, value=value)
-
-
-@DATASETS.register_module(name='RandomLatentsForTest', force=True)
-class RandomLatentsForTest(Dataset):
-    """Fixed random tensors shaped like a VCU sample (T2V, 3 latent frames)."""
-
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.items = [dict(context=torch.randn(6, 32, generator=g),
-                           latents=torch.randn(16, 3, 8, 8, generator=g),
-                           vace_context=torch.randn(96, 3, 8, 8, generator=g))
-                      for _ in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
 
 class SimulatedKill(RuntimeError):

@@ -7,10 +7,8 @@ import textwrap
 import time
 
 import pytest
-import torch
-from torch.utils.data import Dataset
 
-from vdot_ext.registry import DATASETS, FUNCTIONS
+from vdot_ext.registry import FUNCTIONS
 from vdot_ext.tools.train import main
 
 STAGE1_CALLS = []
@@ -22,28 +20,11 @@ def cheap_first_stage_for_cli_test(work_dir, value=0):
     return dict(value=value)
 
 
-@DATASETS.register_module(name='RandomLatentsForCliTest', force=True)
-class RandomLatentsForCliTest(Dataset):
-
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.items = [dict(context=torch.randn(6, 32, generator=g),
-                           latents=torch.randn(16, 3, 8, 8, generator=g),
-                           vace_context=torch.randn(96, 3, 8, 8, generator=g))
-                      for _ in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 TEACHER = '''dict(
     model=dict(type='FlowMatchingPretrainer', score=dict(type='WanVACEScore', preset='tiny-vace'){extra}),
     train_dataloader=dict(batch_size=2, num_workers=0, sampler=dict(type='InfiniteSampler', shuffle=True),
                           collate_fn=dict(type='default_collate'),
-                          dataset=dict(type='RandomLatentsForCliTest')),
+                          dataset=dict(type='RandomLatentsForTest')),
     train_cfg=dict(type='IterBasedTrainLoop', max_iters=2),
     optim_wrapper=dict(constructor='RoleOptimWrapperConstructor',
                        score=dict(optimizer=dict(type='AdamW', lr=1e-3))))'''
@@ -66,7 +47,7 @@ def _single(tmp_path):
         model = dict(type='FlowMatchingPretrainer', score=dict(type='WanVACEScore', preset='tiny-vace'))
         train_dataloader = dict(batch_size=2, num_workers=0, sampler=dict(type='InfiniteSampler', shuffle=True),
                                 collate_fn=dict(type='default_collate'),
-                                dataset=dict(type='RandomLatentsForCliTest'))
+                                dataset=dict(type='RandomLatentsForTest'))
         train_cfg = dict(type='IterBasedTrainLoop', max_iters=2)
         optim_wrapper = dict(constructor='RoleOptimWrapperConstructor',
                              score=dict(optimizer=dict(type='AdamW', lr=1e-3)))
@@ -148,10 +129,10 @@ def test_unregistered_type_and_required_value_in_a_later_stage(tmp_path):
     STAGE1_CALLS.clear()
     cfg = _staged(tmp_path)
     message = _exit_message([cfg, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
-                             'stages.train.runner.train_dataloader.dataset.type=RandomLatentsForCliTst'])
+                             'stages.train.runner.train_dataloader.dataset.type=RandomLatentsForTst'])
     assert 'stages.train.runner.train_dataloader.dataset.type' in message
-    assert "'RandomLatentsForCliTst' is not registered in the vdot_ext DATASETS registry" in message
-    assert 'did you mean RandomLatentsForCliTest' in message
+    assert "'RandomLatentsForTst' is not registered in the vdot_ext DATASETS registry" in message
+    assert 'did you mean RandomLatentsForTest' in message
     message = _exit_message([cfg, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
                              'stages.train.runner.model.score.pretrained=???teacher_weights',
                              '--cfg-options-allow-new'])
