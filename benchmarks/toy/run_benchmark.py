@@ -10,7 +10,7 @@ Mixtures × variants × seeds, each (mixture, variant) job trains its seeds side
 * ``--results`` (Markdown): the tables, mean ± std over the seeds at the end of training and the paired
   differences to DMD only.
 
-Examples (the numbers in RESULTS_toy.md; the first is the ≤ 10-minute default, 2 cores):
+Examples (the numbers in benchmarks/RESULTS.md, "Exact-score toy"; the first is the ≤ 10-minute default, 2 cores):
 
     python benchmarks/toy/run_benchmark.py --workers 2 --out work_dirs/toy --results work_dirs/toy/tables.md
     python benchmarks/toy/run_benchmark.py --workers 2 --sets ring8@5:3000 unbalanced3@5:3000 \
@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 
 # MIXTURE@SHIFT[:ITERATIONS]. Uniform score timesteps (shift 1), where DMD's reverse KL can zero-force and training
 # gets far enough in the budget to tell the variants apart; the 16-D OT problems need 100-1000 Sinkhorn iterations,
-# so that set runs half as long. The recipe's shift 5: ``--sets ring8@5 unbalanced3@5`` (RESULTS_toy.md).
+# so that set runs half as long. The recipe's shift 5: ``--sets ring8@5 unbalanced3@5`` (benchmarks/RESULTS.md, "Exact-score toy").
 DEFAULT_SETS = ('ring8@1:6000', 'unbalanced3@1:6000', 'gauss16d@1:3000')
 METRICS = ('coverage', 'weight_l1', 'off_mode', 'w2')
 LABELS = {'coverage': 'mode coverage ↑', 'weight_l1': 'mode-weight L1 ↓', 'off_mode': 'off-mode share ↓',
