@@ -37,7 +37,8 @@ sys.path.insert(0, HERE)
 
 # MIXTURE@SHIFT[:ITERATIONS]. Uniform score timesteps (shift 1), where DMD's reverse KL can zero-force and training
 # gets far enough in the budget to tell the variants apart; the 16-D OT problems need 100-1000 Sinkhorn iterations,
-# so that set runs half as long. The recipe's shift 5: ``--sets ring8@5 unbalanced3@5`` (benchmarks/RESULTS.md, "Exact-score toy").
+# so that set runs half as long. The recipe's shift 5: ``--sets ring8@5 unbalanced3@5``
+# (benchmarks/RESULTS.md, "Exact-score toy").
 DEFAULT_SETS = ('ring8@1:6000', 'unbalanced3@1:6000', 'gauss16d@1:3000')
 METRICS = ('coverage', 'weight_l1', 'off_mode', 'w2')
 LABELS = {'coverage': 'mode coverage ↑', 'weight_l1': 'mode-weight L1 ↓', 'off_mode': 'off-mode share ↓',
