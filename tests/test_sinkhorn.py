@@ -287,11 +287,18 @@ def test_sdpa_path_equals_blocked_path_float32():
     torch.testing.assert_close(r1.col_err, r2.col_err, rtol=1e-2, atol=1e-6)
 
 
-def test_backend_dispatch():
+def test_backend_dispatch(monkeypatch):
+    from vdot_ext.ot import streaming
     assert resolve_backend('auto', torch.device('cpu'), torch.float64) == 'sdpa'
-    # no CUDA tensor is created: dispatch looks at the device type only
-    # the Triton kernel is opt-in until benchmarks/gpu/run_checks.sh has passed on a GPU
+    # no CUDA tensor is created: dispatch looks at the device type only. The Triton kernel passed
+    # benchmarks/gpu/run_checks.sh on an H200, so 'auto' picks it for float32 on CUDA when it imports
+    expected = 'triton' if streaming._triton_usable() else 'blocked'
+    assert resolve_backend('auto', torch.device('cuda')) == expected
+    assert resolve_backend('auto', torch.device('cuda'), torch.float64) == 'blocked'
+    monkeypatch.setattr(streaming, '_triton_usable', lambda: False)   # a machine without triton
     assert resolve_backend('auto', torch.device('cuda')) == 'blocked'
+    monkeypatch.setattr(streaming, '_triton_usable', lambda: True)
+    assert resolve_backend('auto', torch.device('cuda')) == 'triton'
     assert resolve_backend('auto', torch.device('cuda'), torch.float64) == 'blocked'
     with pytest.raises(ValueError, match='CPU flash-attention'):
         resolve_backend('sdpa', torch.device('cuda'))
