@@ -105,6 +105,11 @@ def test_wan14b_holds_the_paper_hyperparameters():
     assert m.discriminator.bottleneck_dim == 512
     # eps 0.05 on 1/2|a-b|^2 = the public code's 0.1 on |a-b|^2; tolerance mode by measurement
     assert (m.otd_loss.epsilon, m.otd_loss.tol, m.otd_loss.pool_kernel) == (0.05, 1e-3, 2)
+    # dm_weighting 'balanced' (chosen by the exact-score toy, benchmarks/RESULTS.md) reads OTD's raw gradient
+    import inspect
+    from vdot_ext.models import VDOTDistiller
+    default = inspect.signature(VDOTDistiller).parameters['dm_weighting'].default
+    assert m.get('dm_weighting', default) == 'balanced' and m.otd_loss.normalize == 'none'
     # the public code's stage-2 values (docs/DESIGN.md §12)
     assert m.guidance_scale == 3.0 and m.uncond == 'negative_prompt' and m.dmd_loss.normalize == 'sigma'
     assert cfg.optim_wrapper.generator.optimizer.weight_decay == 0.01

@@ -103,7 +103,7 @@ def distiller():
     return dict(type='VDOTDistiller', real_score=dict(type='WanVACEScore', preset='tiny-vace'),
                 discriminator=dict(type='RegisterTokenDiscriminator', taps=(1, 3), bottleneck_dim=24,
                                    num_heads=2, use_time_emb=True),
-                otd_loss=dict(type='OTDLoss', epsilon=0.1, num_iters=10, pool_kernel=2),
+                otd_loss=dict(type='OTDLoss', epsilon=0.1, num_iters=10, pool_kernel=2, normalize='none'),
                 dmd_loss=dict(type='DMDLoss'), gan_loss=dict(type='RelativisticGANLoss', loss_weight=0.1),
                 gen_every=2, guidance_scale=2.0, uncond='zeros', seed=3)
 

@@ -82,10 +82,13 @@ class VDOTDistiller(BaseModel):
             switches the term off (ablations are config changes).
         dm_weights: weights of OTD and DMD in the generator's distribution
             matching objective (public VDOT code: 0.8 / 0.2).
-        dm_weighting: 'parity' (default for now, the public code: each term at its native scale) or
-            'balanced' (both terms as displacements on DMD's scale; the OT step vanishes when fake = real).
-            Formulas: :func:`distribution_matching_gradients`. The default is to be chosen by the toy
-            benchmark (issue 11 §3); until then it is the public code's behaviour.
+        dm_weighting: 'balanced' (default: both terms as displacements on DMD's scale, so the weights weigh
+            commensurable steps and the OT step vanishes when fake = real; needs ``otd_loss.normalize='none'``)
+            or 'parity' (the public code: each term at its native scale, OTD as a fixed-size normalised step).
+            Formulas: :func:`distribution_matching_gradients`. The default was chosen by measurement
+            (benchmarks/RESULTS.md, "Exact-score toy"): parity was the only weighting that lost modes and
+            raised W2 against DMD alone (0 of 5 seeds better on two mixtures); balanced matched DMD within
+            the seed spread (docs/DESIGN.md §12).
         balanced_ot_debias: balanced only: remove the entropic self-bias of the OT displacement (one more
             Sinkhorn solve, of the fake cloud onto itself).
         schedule: the step plan (docs/DESIGN.md §6): None = ``VDOTAlgorithm1(gen_every)``; a
@@ -143,7 +146,7 @@ class VDOTDistiller(BaseModel):
                  denoising_loss: Optional[dict] = dict(type='DenoisingLoss'),
                  gan_loss: Optional[dict] = None,
                  dm_weights: Optional[dict] = None,
-                 dm_weighting: str = 'parity',
+                 dm_weighting: str = 'balanced',
                  balanced_ot_debias: bool = True,
                  schedule=None,
                  gen_every: Optional[int] = None,
@@ -226,7 +229,8 @@ class VDOTDistiller(BaseModel):
                 and getattr(self.otd_loss, 'normalize', 'none') != 'none':
             raise ValueError("VDOTDistiller(dm_weighting='balanced') reads OTD's raw envelope gradient: set "
                              f"model.otd_loss.normalize='none' (got {self.otd_loss.normalize!r}); "
-                             'balanced mode applies its own normalisation (docs/DESIGN.md §5)')
+                             "balanced mode applies its own normalisation (docs/DESIGN.md §5); or set "
+                             "model.dm_weighting='parity' for the public code's normalised OT step")
 
         # --- schedule (docs/DESIGN.md §6) ---------------------------------
         is_algorithm1 = schedule is None or isinstance(schedule, VDOTAlgorithm1) or (
