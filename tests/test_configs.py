@@ -107,6 +107,7 @@ def test_wan14b_holds_the_paper_hyperparameters():
     assert (m.otd_loss.epsilon, m.otd_loss.tol, m.otd_loss.pool_kernel) == (0.05, 1e-3, 2)
     # dm_weighting 'balanced' (chosen by the exact-score toy, benchmarks/RESULTS.md) reads OTD's raw gradient
     import inspect
+
     from vdot_ext.models import VDOTDistiller
     default = inspect.signature(VDOTDistiller).parameters['dm_weighting'].default
     assert m.get('dm_weighting', default) == 'balanced' and m.otd_loss.normalize == 'none'
