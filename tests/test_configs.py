@@ -116,7 +116,11 @@ def test_wan14b_holds_the_paper_hyperparameters():
     assert cfg.optim_wrapper.generator.optimizer.weight_decay == 0.01
     assert m.dm_weights == dict(otd=0.8, dmd=0.2) and m.gen_every == 5
     assert m.gan_loss.loss_weight == 0.1
-    assert cfg.train_cfg.max_iters == 1200 and cfg.train_dataloader.batch_size == 1
+    # 1200 steps of Algorithm 1, each over 3 batches per role (the authors' gradient_accumulation_steps)
+    assert m.schedule == dict(type='VDOTAlgorithm1', accumulate=3)
+    assert cfg.optim_wrapper.generator.accumulative_counts == cfg.optim_wrapper.critic.accumulative_counts == 3
+    assert cfg.train_cfg.max_iters == 1200 * 3 and cfg.train_dataloader.batch_size == 1
+    assert cfg.default_hooks.checkpoint.interval % 3 == 0
     assert cfg.optim_wrapper.generator.optimizer.lr == 1e-6
     assert cfg.optim_wrapper.critic.optimizer.lr == 4e-7
     assert tuple(cfg.optim_wrapper.generator.optimizer.betas) == (0.0, 0.999)
@@ -149,7 +153,7 @@ def test_wan14b_runs_one_iteration_at_tiny_size(tmp_path):
         'model.otd_loss.num_iters': 10,
         'train_dataloader': dict(num_workers=0, dataset=dict(
             _delete_=True, type='RandomVCUForConfigTest')),
-        'train_cfg.max_iters': 1,
+        'train_cfg.max_iters': 3,          # one step of Algorithm 1: 3 accumulated batches
         'env_cfg.dist_cfg.backend': 'gloo',
     })
     assert find_required_fields(cfg.to_dict()) == []
@@ -158,8 +162,9 @@ def test_wan14b_runs_one_iteration_at_tiny_size(tmp_path):
     runner = Runner.from_cfg(cfg)
     generator_before = {k: v.clone() for k, v in runner.model.generator.state_dict().items()}
     runner.train()
-    assert runner.iter == 1
+    assert runner.iter == 3
     model = runner.model
+    assert model.updated_roles == ('generator', 'critic')    # both update at the window's last batch
     # iteration 0 is a distribution-matching step for the generator (AccWanInit-ed)
     assert model.schedule_trace[0].generator == 'dm'
     changed = [k for k, v in model.generator.state_dict().items()

@@ -135,8 +135,8 @@ def build_distiller(**overrides):
     return MODELS.build(cfg)
 
 
-def build_optim(model):
-    role = dict(type='OptimWrapper',
+def build_optim(model, accumulative_counts=1):
+    role = dict(type='OptimWrapper', accumulative_counts=accumulative_counts,
                 optimizer=dict(type='AdamW', lr=1e-3, betas=(0.0, 0.999), weight_decay=0.0))
     return RoleOptimWrapperConstructor({name: dict(role) for name in model.trainable_roles()})(model)
 
@@ -195,3 +195,63 @@ def test_algorithm1_written_as_a_list_trains_identically():
     assert results[0].schedule_trace == results[1].schedule_trace
     for key, value in results[0].state_dict().items():
         assert torch.equal(value, results[1].state_dict()[key]), key
+
+
+# ----------------------------------------------------------------------
+# gradient accumulation: the public code's gradient_accumulation_steps
+# ----------------------------------------------------------------------
+def test_algorithm1_accumulate_spreads_each_step_over_its_batches():
+    plain = bound(VDOTAlgorithm1(gen_every=5))
+    accumulated = bound(VDOTAlgorithm1(gen_every=5, accumulate=3))
+    for k in range(90):
+        assert accumulated.plan(k).iteration == k
+        assert accumulated.plan(k).steps == plain.plan(k // 3).steps
+    with pytest.raises(ValueError, match=r'model\.schedule\.accumulate'):
+        VDOTAlgorithm1(accumulate=0)
+
+
+def test_accumulation_updates_each_role_once_per_step_over_its_batches():
+    """Step s of Algorithm 1 runs on 3 batches; each role it names accumulates them and updates once, at the
+    third; nothing changes on the first two. The EMA reads ``updated_roles``."""
+    model = build_distiller(schedule=dict(type='VDOTAlgorithm1', gen_every=2, accumulate=3))
+    optim = build_optim(model, accumulative_counts=3)
+    for k in range(12):
+        before = {name: state(getattr(model, name)) for name in ('generator', 'fake_score')}
+        model.train_step(batch(), optim)
+        s, window_end = k // 3, k % 3 == 2
+        expected = (('generator', ) if s % 2 == 0 else ()) + ('critic', ) if window_end else ()
+        assert model.updated_roles == expected, (k, model.updated_roles)
+        got = {name for name, sd in before.items() if changed(getattr(model, name), sd)}
+        assert got == {dict(generator='generator', critic='fake_score')[r] for r in expected}, (k, got)
+    # a schedule and wrappers that disagree are refused before anything trains
+    model = build_distiller(schedule=dict(type='VDOTAlgorithm1', gen_every=2, accumulate=3))
+    before = state(model.fake_score)
+    with pytest.raises(ValueError, match=r'optim_wrapper\.generator\.accumulative_counts is 1 but '
+                                         r'model\.schedule\.accumulate is 3'):
+        model.train_step(batch(), build_optim(model))
+    assert not changed(model.fake_score, before)
+
+
+
+def test_ema_follows_the_generator_updates_only():
+    """The EMA averages after each generator update: not on TTUR iterations, not inside an accumulation
+    window, not when a non-finite step was skipped (docs/DESIGN.md §7)."""
+    from types import SimpleNamespace
+
+    from vdot_ext.engine.ema import GeneratorEMAHook
+    model = build_distiller(schedule=dict(type='VDOTAlgorithm1', gen_every=2, accumulate=3))
+    optim = build_optim(model, accumulative_counts=3)
+    hook = GeneratorEMAHook(momentum=0.5)
+    runner = SimpleNamespace(model=model, iter=0)
+    hook.before_train(runner)
+    updates = 0
+    for k in range(12):
+        data = batch()
+        if k == 8:    # the last batch of the second generator window: a NaN skips (discards) that window
+            data['context'][0, 0, 0] = float('nan')
+        model.train_step(data, optim)
+        runner.iter = k
+        hook.after_train_iter(runner, k)
+        updates += 'generator' in model.updated_roles
+    assert updates == 1 and hook.steps == 1          # generator windows end at 2 (updated) and 8 (skipped)
+    assert model.nonfinite_guard.skips('generator') == 1

@@ -64,6 +64,7 @@ class DeepSpeedRoleOptimWrapper(OptimWrapper):
         self.role = role
         self._backward_pending = False   # a backward not yet followed by step()/zero_grad()
         self._window_bad = False         # the current accumulation window is to be skipped
+        self.updated = False             # the last step() changed the weights (a window's end, not skipped)
 
     # -- the model's interface --------------------------------------------
     @contextmanager
@@ -113,6 +114,7 @@ class DeepSpeedRoleOptimWrapper(OptimWrapper):
     def step(self, **kwargs) -> None:
         if not self._backward_pending:
             raise RuntimeError(f'DeepSpeedRoleOptimWrapper({self.role}): step() without a backward() first')
+        self.updated = False
         if self._window_bad:
             self._skip()
             return
@@ -120,6 +122,7 @@ class DeepSpeedRoleOptimWrapper(OptimWrapper):
         skipped, boundary = engine.skipped_steps, engine.is_gradient_accumulation_boundary()
         engine.step()
         self._backward_pending = False
+        self.updated = boundary and engine.skipped_steps == skipped
         if engine.skipped_steps != skipped:
             # DeepSpeed's own overflow check found non-finite gradients
             print_log(f'DeepSpeed skipped the {self.role} step at global step {engine.global_steps} '

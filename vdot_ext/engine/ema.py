@@ -4,7 +4,7 @@
 mmengine's ``ExponentialMovingAverage`` convention (``momentum`` m is the
 weight of the *new* value; ``m = 1 − decay``)::
 
-    θ_ema ← (1 − m) · θ_ema + m · θ        after every generator update
+    θ_ema ← (1 − m) · θ_ema + m · θ        after every update of the module's role
 
 and, as mmengine's ``AveragedModel`` does, the first update (and every update
 before ``begin_iter``) copies θ. Under ZeRO-3 each rank keeps the EMA of only
@@ -114,9 +114,11 @@ class GeneratorEMAHook(Hook):
     @torch.no_grad()
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         model = unwrap_model(runner.model)
-        trace = getattr(model, 'schedule_trace', None)
-        if trace and trace[-1].generator is None:
-            return   # the generator did not step this iteration (TTUR)
+        updated = getattr(model, 'updated_roles', None)
+        if updated is not None and not any(self.module_name in model.role_modules(role) for role in updated):
+            # the role did not change this iteration: TTUR, a skipped non-finite step, or a batch inside a
+            # gradient-accumulation window (docs/DESIGN.md §7)
+            return
         copy = self.steps == 0 or runner.iter + 1 < self.begin_iter
         for shard, param in zip(self.shards, self.params):
             if copy:

@@ -54,11 +54,14 @@ class GuardedStep:
     """What one guarded step did.
 
     ``losses``: the loss terms (detached), finite ones only; ``stats``: the second value ``compute``
-    returned (floats for logging), empty on a skip; ``reason``: why the step was skipped, or None.
+    returned (floats for logging), empty on a skip; ``reason``: why the step was skipped, or None;
+    ``updated``: whether the role's weights changed (False on a skip, and inside a gradient-accumulation
+    window before its last batch). The EMA reads it.
     """
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, float] = field(default_factory=dict)
     reason: Optional[str] = None
+    updated: bool = False
 
     @property
     def skipped(self) -> bool:
@@ -130,6 +133,7 @@ class NonFiniteGuard(nn.Module):
         """
         counter = self._counter('skips', role)  # validates the role
         reason = None
+        updated = False
         losses: Dict[str, torch.Tensor] = {}
         stats: Dict[str, float] = {}
         with wrapper.optim_context(module):
@@ -155,10 +159,13 @@ class NonFiniteGuard(nn.Module):
                 reason = grad_reason + _back_off_loss_scale(wrapper)
             elif wrapper.should_update():
                 wrapper.step()
+                # DeepSpeed's wrapper steps its engine after every backward and knows the window's end;
+                # mmengine's wrapper updates whenever should_update() holds
+                updated = bool(getattr(wrapper, 'updated', True))
                 wrapper.zero_grad()
         if reason is None:
             self._counter('consecutive', role).zero_()
-            return GuardedStep({k: v.detach() for k, v in losses.items()}, dict(stats), None)
+            return GuardedStep({k: v.detach() for k, v in losses.items()}, dict(stats), None, updated)
 
         counter += 1
         consecutive = self._counter('consecutive', role)

@@ -105,16 +105,27 @@ class VDOTAlgorithm1(StepSchedule):
     """VDOT's Algorithm 1 with TTUR: :func:`vdot_step_plan` (docs/DESIGN.md §6).
 
     Args:
-        gen_every: the generator steps once every ``gen_every`` iterations (paper: 5, both stages).
+        gen_every: the generator steps once every ``gen_every`` steps of Algorithm 1 (paper: 5, both stages).
         gan, dm: whether the GAN / the distribution-matching objective is on; None (default) takes it from the
             model when it binds the schedule (on when the model has the objective).
+        accumulate: iterations (batches) per step of Algorithm 1. Step s runs on iterations
+            [s·accumulate, (s + 1)·accumulate), each role with the same objective, and every trainable role's
+            ``optim_wrapper.<role>.accumulative_counts`` must equal it, so each role updates once per step over
+            ``accumulate`` batches: the public code's ``gradient_accumulation_steps`` (3 in
+            ``configs/self_forcing_bi_gan.yaml``; ``distillation_vace.py`` ``train`` loops over that many
+            batches per role before each optimizer step). The model checks the wrappers at its first step.
     """
 
-    def __init__(self, gen_every: int = 5, gan: Optional[bool] = None, dm: Optional[bool] = None):
+    def __init__(self, gen_every: int = 5, gan: Optional[bool] = None, dm: Optional[bool] = None,
+                 accumulate: int = 1):
         if int(gen_every) != gen_every or gen_every < 1:
             raise ValueError(f'VDOTAlgorithm1.gen_every (model.gen_every) must be an integer >= 1, '
                              f'got {gen_every!r}')
+        if int(accumulate) != accumulate or accumulate < 1:
+            raise ValueError(f'VDOTAlgorithm1.accumulate (model.schedule.accumulate) must be an integer >= 1, '
+                             f'got {accumulate!r}')
         self.gen_every = int(gen_every)
+        self.accumulate = int(accumulate)
         self.gan, self.dm = gan, dm
 
     def bind(self, available, field='model.schedule'):
@@ -127,17 +138,19 @@ class VDOTAlgorithm1(StepSchedule):
             elif wanted and not on:
                 raise ValueError(f'{field}: VDOTAlgorithm1({name}=True) but the model has no {name!r} '
                                  f'objective (its loss is None)')
-        for k in range(2 * self.gen_every):      # one full period: every step the plan can name
+        for k in range(2 * self.gen_every * self.accumulate):   # one full period: every step the plan can name
             for step in self.plan(k).steps:
                 _check_step(step, available, field)
 
     def plan(self, k):
         if self.gan is None or self.dm is None:
             raise RuntimeError('VDOTAlgorithm1.plan: bind() the schedule to a model first (gan/dm unknown)')
-        return vdot_step_plan(k, self.gen_every, self.gan, self.dm)
+        step = vdot_step_plan(k // self.accumulate, self.gen_every, self.gan, self.dm)
+        return StepPlan(k, step.steps)
 
     def __repr__(self):
-        return f'VDOTAlgorithm1(gen_every={self.gen_every}, gan={self.gan}, dm={self.dm})'
+        return (f'VDOTAlgorithm1(gen_every={self.gen_every}, gan={self.gan}, dm={self.dm}, '
+                f'accumulate={self.accumulate})')
 
 
 StepEntry = Union[Mapping, Sequence[Mapping]]

@@ -259,6 +259,8 @@ class VDOTDistiller(BaseModel):
         self.nonfinite_guard = NonFiniteGuard(self.TRAINABLE_ROLES, max_consecutive_nonfinite,
                                               owner='VDOTDistiller')
         self.schedule_trace: List[StepPlan] = []
+        self.updated_roles: Tuple[str, ...] = ()   # roles whose weights the last train_step changed (EMA)
+        self._accumulation_checked = False
 
     # ------------------------------------------------------------------
     # roles, for optimizers and strategies
@@ -296,6 +298,26 @@ class VDOTDistiller(BaseModel):
 
     def plan(self, k: int) -> StepPlan:
         return self.schedule.plan(k)
+
+    def _check_accumulation(self, optim_wrapper) -> None:
+        """A schedule that spreads each step over ``accumulate`` batches (``VDOTAlgorithm1.accumulate``) needs
+        every role it steps to accumulate exactly that many (docs/DESIGN.md §6); any other pairing would
+        update a role in the middle of a step, or across two objectives."""
+        want = getattr(self.schedule, 'accumulate', None)
+        if want is None:
+            self._accumulation_checked = True
+            return
+        for role in self.TRAINABLE_ROLES:
+            if role not in optim_wrapper:
+                continue
+            wrapper = optim_wrapper[role]
+            engine = getattr(wrapper, 'engine', None)   # DeepSpeed: the engine's gradient_accumulation_steps
+            got = int(engine.gradient_accumulation_steps()) if engine is not None \
+                else int(getattr(wrapper, '_accumulative_counts', 1))
+            if got != want:
+                raise ValueError(f'optim_wrapper.{role}.accumulative_counts is {got} but model.schedule.accumulate '
+                                 f'is {want}: set both to the same number of batches per step of Algorithm 1')
+        self._accumulation_checked = True
 
     # ------------------------------------------------------------------
     # conditioning and sampling
@@ -533,15 +555,20 @@ class VDOTDistiller(BaseModel):
         consumed, so a run with skips keeps the same plan as one without, and a
         resumed run continues it exactly.
         """
+        if not self._accumulation_checked:
+            self._check_accumulation(optim_wrapper)
         data = self.data_preprocessor(data, True)
         cond = self._conditions(data)
         k = int(self.iteration.item())
         plan = self.plan(k)
         exit_step = self.exit_step(k)
         log: Dict[str, torch.Tensor] = {}
+        updated = []
         try:
             for step in plan.steps:
                 done = self.run_step(step, optim_wrapper, cond, data, k, exit_step)
+                if done.updated and step.role not in updated:
+                    updated.append(step.role)
                 log.update(done.losses)
                 log.update({k_: torch.tensor(float(v)) for k_, v in done.stats.items()})
                 if step.role == 'generator':
@@ -550,6 +577,7 @@ class VDOTDistiller(BaseModel):
             self._set_trainable(None)
 
         self.schedule_trace.append(plan)
+        self.updated_roles = tuple(updated)
         self.iteration += 1
         log.update(self.nonfinite_guard.log_vars())
         return log

@@ -33,6 +33,10 @@ model = dict(
     gan_loss={{_base_.gan_loss}},
     dm_weights={{_base_.dm_weights}},
     gen_every={{_base_.gen_every}},
+    # each step of Algorithm 1 over 3 batches per role: the authors' gradient_accumulation_steps
+    # (hhhh1138/VDOT training/configs/self_forcing_bi_gan.yaml; docs/DESIGN.md §6); the leaf's
+    # optim_wrapper.<role>.accumulative_counts must equal it
+    schedule=dict(type='VDOTAlgorithm1', accumulate=3),
     # 4 generator steps, warped by shift 5; GAN timesteps by shift 12 (docs/DESIGN.md §4)
     generator_timesteps=(1000, 750, 500, 250),
     generator_shift=5.0,
