@@ -209,6 +209,13 @@ def test_role_config_maps_optim_wrapper_fields():
     assert critic['gradient_clipping'] == 0.5
     frozen = strategy.frozen_role_config()
     assert 'gradient_clipping' not in frozen and frozen['zero_optimization']['stage'] == 3
+    # a DeepSpeed dict that contradicts the wrapper's accumulation is refused, not silently preferred
+    strategy.config['gradient_accumulation_steps'] = 1
+    with pytest.raises(ValueError, match=r"optim_wrapper\.generator\.accumulative_counts=3 but the DeepSpeed "
+                                         r"config sets gradient_accumulation_steps=1"):
+        strategy.role_config('generator', wrapper)
+    assert strategy.role_config('generator', OptimWrapper(torch.optim.AdamW([p])))['gradient_accumulation_steps'] == 1
+    del strategy.config['gradient_accumulation_steps']
     with pytest.raises(ValueError, match='max_norm'):
         strategy.role_config('generator', OptimWrapper(torch.optim.AdamW([p]),
                                                        clip_grad=dict(type='value', clip_value=1)))

@@ -8,7 +8,6 @@ strategy = dict(
         # non-finite step is skipped (DeepSpeedRoleOptimWrapper)
         bf16=dict(enabled=True, check_grad_overflow=True),
         zero_optimization=dict(stage=2, overlap_comm=True, contiguous_gradients=True,
-                               reduce_bucket_size=5e8, allgather_bucket_size=5e8),
-        gradient_accumulation_steps=1),
+                               reduce_bucket_size=5e8, allgather_bucket_size=5e8)),
     roles=dict(),
 )

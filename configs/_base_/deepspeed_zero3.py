@@ -18,8 +18,7 @@ strategy = dict(
             stage3_prefetch_bucket_size=5e8,
             stage3_param_persistence_threshold=1e6,
             stage3_max_live_parameters=1e9,
-            stage3_max_reuse_distance=1e9),
-        gradient_accumulation_steps=1),
+            stage3_max_reuse_distance=1e9)),
     # per-role overrides, e.g. critic=dict(gradient_clipping=1.0)
     roles=dict(),
 )

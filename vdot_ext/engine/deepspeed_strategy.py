@@ -42,7 +42,8 @@ Config::
 
 ``clip_grad=dict(max_norm=...)`` and ``accumulative_counts`` of a role's
 optim_wrapper entry become that engine's ``gradient_clipping`` and
-``gradient_accumulation_steps`` unless the DeepSpeed dict sets them.
+``gradient_accumulation_steps`` unless the DeepSpeed dict sets them; an
+``accumulative_counts`` > 1 that the DeepSpeed dict contradicts is an error.
 """
 import json
 import logging
@@ -264,8 +265,15 @@ class RoleDeepSpeedStrategy(BaseStrategy):
                     raise ValueError(f'optim_wrapper.{role}.clip_grad: DeepSpeed clips by '
                                      f'global norm only; give clip_grad=dict(max_norm=...)')
                 cfg['gradient_clipping'] = float(clip['max_norm'])
-            if 'gradient_accumulation_steps' not in cfg:
-                cfg['gradient_accumulation_steps'] = int(wrapper._accumulative_counts)
+            counts = int(wrapper._accumulative_counts)
+            given = cfg.get('gradient_accumulation_steps')
+            if given is None:
+                cfg['gradient_accumulation_steps'] = counts
+            elif counts != 1 and int(given) != counts:
+                # one of the two would be ignored without a word
+                raise ValueError(f'RoleDeepSpeedStrategy: role {role!r}: optim_wrapper.{role}.accumulative_counts='
+                                 f'{counts} but the DeepSpeed config sets gradient_accumulation_steps={given}; '
+                                 'set one of them')
         cfg.setdefault('gradient_accumulation_steps', 1)
         cfg['train_micro_batch_size_per_gpu'] = int(
             self.dispatch_kwargs.get('train_micro_batch_size_per_gpu', 1))

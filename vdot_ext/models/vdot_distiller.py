@@ -315,8 +315,11 @@ class VDOTDistiller(BaseModel):
             got = int(engine.gradient_accumulation_steps()) if engine is not None \
                 else int(getattr(wrapper, '_accumulative_counts', 1))
             if got != want:
-                raise ValueError(f'optim_wrapper.{role}.accumulative_counts is {got} but model.schedule.accumulate '
-                                 f'is {want}: set both to the same number of batches per step of Algorithm 1')
+                source = (f"the {role}'s DeepSpeed engine accumulates {got} batches (gradient_accumulation_steps, "
+                          f'from optim_wrapper.{role}.accumulative_counts)') if engine is not None else \
+                    f'optim_wrapper.{role}.accumulative_counts is {got}'
+                raise ValueError(f'{source} but model.schedule.accumulate is {want}: set both to the same number '
+                                 'of batches per step of Algorithm 1')
         self._accumulation_checked = True
 
     # ------------------------------------------------------------------
