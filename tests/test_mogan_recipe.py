@@ -444,11 +444,16 @@ def test_tiny_recipe_mogan_stage_through_the_stage_driver(tmp_path):
     prompt file, metrics of the model and of the real clips, samples; then the mean ± std table of runs."""
     cfg = Config.fromfile(TINY)
     cfg.merge_from_dict(dict(SHORT_MOGAN, stage_order=['motion_prompt', 'mogan', 'motion_eval'],
-                             **{'stages.motion_eval.call.models': dict(_delete_=True, mogan='{work_dir}/mogan')}))
+                             **{'stages.motion_eval.call.models': dict(_delete_=True, mogan='{work_dir}/mogan',
+                                                                       again='{work_dir}/mogan')}))
     work = str(tmp_path / 'mogan_tiny')
     _write_shared_stage_outputs(work)
     out = run_stages(cfg, work)
-    metrics = _check_recipe_outputs(work, out, {'mogan'})
+    metrics = _check_recipe_outputs(work, out, {'mogan', 'again'})
+    # the same model sampled twice gives the same videos: the sampler's re-noising is seeded per sample, not
+    # left to the global RNG (which the first model's sampling advanced)
+    assert {k: v for k, v in metrics['models']['again'].items() if k != 'seconds_per_sample'} == \
+        {k: v for k, v in metrics['models']['mogan'].items() if k != 'seconds_per_sample'}
 
     # mean ± std over runs (here the run and a perturbed copy)
     other = tmp_path / 'other.json'
@@ -477,3 +482,61 @@ def test_tiny_recipe_short_run_with_the_shared_stages(tmp_path):
     work = str(tmp_path / 'mogan_tiny')
     out = run_stages(cfg, work)
     _check_recipe_outputs(work, out, {'stage1', 'mogan'})
+
+
+# ------------------------------------------------------------------------------- several training seeds
+SHORT_SEEDS = dict(SHORT_MOGAN, **{
+    'stage_order': ['motion_prompt', 'mogan', 'motion_eval'],
+    'stages.motion_eval.call.models': dict(_delete_=True, mogan='{work_dir}/mogan')})
+
+
+@pytest.mark.slow
+def test_seeds_tool_seeds_the_post_training_shares_the_rest_and_tabulates(tmp_path):
+    """``vdot_ext.tools.mogan_seeds``: seed k reaches the runner and the model of every MoGANDistiller stage (and
+    only those), the unseeded prompt stage runs once and is linked into the other seed, the seeds' weights
+    differ (D's random init, noise, data order), a rerun runs nothing, and the table has mean ± std of n=2."""
+    from mmengine.logging import MMLogger
+
+    from vdot_ext.tools import mogan_seeds
+    from vdot_ext.tools.ablate import run_dirs
+    assert mogan_seeds.seeded_stages(Config.fromfile(TINY)) == [
+        'dmd_only', 'mogan', 'mogan_otd', 'mogan_no_r1r2', 'mogan_video_gan', 'mogan_no_dmd']
+    root = tmp_path / 'root'
+    runs = [str(root / 'mogan_tiny' / f'seed{k}') for k in (0, 1)]
+    logger = MMLogger.get_instance('test_mogan_seeds')
+    seeded = ['mogan']
+    for seed, run in zip((0, 1), runs):
+        _write_shared_stage_outputs(run)
+        cfg = mogan_seeds.load_seed_config(TINY, seed, seeded, SHORT_SEEDS)
+        assert cfg.stages.mogan.runner.randomness.seed == seed and cfg.stages.mogan.runner.model.seed == seed
+        mogan_seeds.run_seed(cfg, run, run_dirs(str(root)), 'symlink', logger)
+    assert osp.islink(osp.join(runs[1], 'motion_prompt')) and not osp.islink(osp.join(runs[1], 'mogan'))
+    for seed, run in zip((0, 1), runs):        # the seed is in the trained stage's resolved config
+        with open(osp.join(run, 'mogan', 'stage_done.json')) as handle:
+            trained = json.load(handle)['config']
+        assert trained['randomness']['seed'] == seed and trained['model']['seed'] == seed
+    weights = [torch.load(osp.join(run, 'mogan', 'final_model.pth'), weights_only=True)['state_dict'] for run in runs]
+    key = next(k for k in weights[0] if k.startswith('motion_discriminator.patch_embedding'))
+    assert not torch.equal(weights[0][key], weights[1][key])
+    with open(osp.join(runs[0], mogan_seeds.TIMINGS_FILE)) as handle:
+        timings = json.load(handle)
+    assert timings['mogan']['wall_s'] > 0 and timings['mogan']['cpu_s'] > 0
+    markers = {run: osp.getmtime(osp.join(run, 'mogan', 'stage_done.json')) for run in runs}
+    cfg = mogan_seeds.load_seed_config(TINY, 0, seeded, SHORT_SEEDS)
+    mogan_seeds.run_seed(cfg, runs[0], run_dirs(str(root)), 'symlink', logger)      # a rerun: nothing runs
+    assert osp.getmtime(osp.join(runs[0], 'mogan', 'stage_done.json')) == markers[runs[0]]
+    # --force-rerun: seed 1's evaluation is set aside (replaced/) and recomputed; its training is kept
+    cfg = mogan_seeds.load_seed_config(TINY, 1, seeded, SHORT_SEEDS)
+    evaluated = osp.getmtime(osp.join(runs[1], 'motion_eval', 'stage_done.json'))
+    mogan_seeds.run_seed(cfg, runs[1], run_dirs(str(root)), 'symlink', logger, force_rerun=['motion_eval'])
+    assert osp.getmtime(osp.join(runs[1], 'mogan', 'stage_done.json')) == markers[runs[1]]
+    assert osp.getmtime(osp.join(runs[1], 'motion_eval', 'stage_done.json')) > evaluated
+    assert glob.glob(osp.join(runs[1], 'replaced', '*', 'motion_eval', 'stage_done.json'))
+
+    result = mogan_seeds.report(str(root), runs, [0, 1], 'cmd', seeded)
+    per_seed = [result['per_seed'][f'seed{k}']['models']['mogan']['motion_magnitude'] for k in (0, 1)]
+    cell = result['summary']['mogan']['motion_magnitude']
+    assert cell['n'] == 2 and abs(cell['mean'] - sum(per_seed) / 2) < 1e-9
+    assert abs(cell['std'] - abs(per_seed[0] - per_seed[1]) / 2 ** 0.5) < 1e-9
+    assert '| mogan | 2 |' in result['table'] and '| real clips | 2 |' in result['table']
+    assert osp.isfile(osp.join(str(root), mogan_seeds.TABLE_FILE))

@@ -138,3 +138,31 @@ def test_metrics_use_raft_when_given(tmp_path):
     m_cfg = motion_metrics(video, dict(type='RAFTFlow', variant='small', weights_path=path, num_flow_updates=2))
     assert m_cfg == m
     assert motion_metrics(video, LucasKanadeFlow(levels=2))['estimator'].startswith('LucasKanadeFlow(levels=2')
+
+
+class CountingLucasKanade(LucasKanadeFlow):
+    """The weight-free estimator, counting the frame pairs it computes flow for."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs = 0
+
+    def flow_pairs(self, first, second):
+        self.pairs += first.shape[0]
+        return super().flow_pairs(first, second)
+
+
+@pytest.mark.parametrize('fps', [8.0, 16.0])
+def test_motion_metrics_equal_the_separate_metrics_and_share_the_forward_flow(fps):
+    """At 8 fps the forward flows serve both metrics (computed once: 2 flows per pair, not 3); the numbers are
+    those of the two metrics computed separately, at 8 fps and when VBench subsamples (16 fps: 3 flows)."""
+    videos = torch.cat([synthetic_video('translate', frames=5), synthetic_video('flicker', frames=5)])
+    estimator = CountingLucasKanade()
+    combined = motion_metrics(videos, estimator, fps=fps)
+    pairs = 2 * 4
+    assert estimator.pairs == (2 * pairs if fps == 8.0 else 2 * pairs + 2 * 2)
+    dyn, warp_err = dynamic_degree(videos, LucasKanadeFlow(), fps=fps), warping_error(videos, LucasKanadeFlow())
+    assert combined['dynamic_degree'] == dyn['dynamic_degree']
+    assert combined['motion_magnitude'] == dyn['motion_magnitude']
+    assert combined['warping_error'] == warp_err['warping_error']
+    assert combined['valid_fraction'] == warp_err['valid_fraction']

@@ -9,10 +9,13 @@
   over non-occluded pixels (:mod:`vdot_ext.evaluation.motion_metrics`; the weight-free Lucas–Kanade estimator
   unless ``flow_estimator`` names RAFT with a local weight file). It writes side-by-side samples with their
   flow fields and ``metrics.json``.
-* :func:`summarize_motion_runs` turns the ``metrics.json`` of several runs (training seeds) into the
-  mean ± std table of ``benchmarks/RESULTS.md``::
+* :func:`summarize_motion_runs` turns the ``metrics.json`` of several runs (training seeds) into a mean ± std
+  table::
 
       python -m vdot_ext.engine.evaluate_motion summarize RUN_DIR [RUN_DIR ...] [--out table.md]
+
+  ``python -m vdot_ext.tools.mogan_seeds`` runs the recipe over seeds and writes the fuller table of
+  ``benchmarks/RESULTS.md`` (every metric, the Table-2 rows, wall and CPU time).
 
 The prompt file of a real-size recipe (umT5)::
 
@@ -115,6 +118,16 @@ def _load_distiller(name: str, entry: ModelEntry):
     return distiller.eval(), resolved['checkpoint']
 
 
+@torch.no_grad()
+def sample_student(distiller, item: dict, noise: torch.Tensor, rng_seed: int) -> torch.Tensor:
+    """The few-step sample of ``item`` from ``noise``, with the global torch RNG (the sampler's between-step
+    re-noising) seeded by ``rng_seed`` inside a fork: every model gets the same re-noising for a sample, whatever
+    ran before in the process (a seed's training stages), and the caller's RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng_seed))
+        return distiller.generate(item['context'][None], None, noise.shape, noise=noise)
+
+
 def _flow_panel(flows: torch.Tensor) -> 'object':
     """Flows [T−1, 2, H, W] → uint8 [T, H, W, 3] colour-wheel frames (last flow repeated), each field
     normalised by its own largest magnitude (RAFT's visualisation)."""
@@ -147,7 +160,8 @@ def evaluate_motion(work_dir: str,
             for the real clip when the dataset has it).
         vae_checkpoint: the VAE that decodes every sample (``load_wan_vae``: Wan2.1 or the tiny one).
         num_samples: the first ``num_samples`` items; sample i uses noise i of a generator seeded by ``seed``
-            (the same for every model).
+            and the re-noising seed ``validation_hook.renoise_seed(seed, i)`` (the same for every model and
+            every run).
         flow_estimator: the metrics' estimator (None: ``LucasKanadeFlow``; e.g. ``dict(type='RAFTFlow',
             weights_path=...)``).
         samples_to_write: side-by-side mp4s (real, each model; each with its flow field) of the first items.
@@ -157,6 +171,7 @@ def evaluate_motion(work_dir: str,
     ``{'models': {name: metrics}, 'real': metrics, 'estimator', 'num_samples', 'seed', 'checkpoints'}``.
     """
     from vdot_ext.data.video_io import side_by_side, write_mp4
+    from vdot_ext.engine.validation_hook import renoise_seed
     from vdot_ext.evaluation.motion_metrics import motion_metrics
     from vdot_ext.models.optical_flow import build_flow_estimator
     from vdot_ext.models.samplers import euler_sample
@@ -193,9 +208,8 @@ def evaluate_motion(work_dir: str,
         if teacher_steps and teacher is None:
             teacher = distiller
         start = time.perf_counter()
-        with torch.no_grad():
-            videos[name] = [decode(distiller.generate(item['context'][None], None, noise.shape, noise=noise))
-                            for item, noise in zip(items, noises)]
+        videos[name] = [decode(sample_student(distiller, item, noise, renoise_seed(seed, index)))
+                        for index, (item, noise) in enumerate(zip(items, noises))]
         seconds[name] = (time.perf_counter() - start) / count
         if teacher is not distiller:
             del distiller
@@ -225,6 +239,7 @@ def evaluate_motion(work_dir: str,
 
     summary = dict(models={k: v for k, v in metrics.items() if k != 'real'}, real=metrics.get('real'),
                    estimator=estimator.name, num_samples=count, seed=int(seed), checkpoints=checkpoints,
+                   noise_rule='noise i: draw i of torch.Generator(seed); re-noising: renoise_seed(seed, i)',
                    prompts=[item.get('prompt') for item in items])
     path = osp.join(work_dir, METRICS_FILE)
     write_json(path, summary)

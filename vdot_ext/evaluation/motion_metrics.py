@@ -109,9 +109,10 @@ def forward_backward_valid(forward: torch.Tensor, backward: torch.Tensor, alpha:
 
 @torch.no_grad()
 def warping_error(videos: torch.Tensor, estimator: EstimatorLike = None, alpha: float = 0.01,
-                  beta: float = 0.5) -> Dict[str, object]:
+                  beta: float = 0.5, forward: Optional[torch.Tensor] = None) -> Dict[str, object]:
     """Warping error of [B, T, 3, H, W] videos in [-1, 1] (see the module docstring).
 
+    ``forward`` [B, T−1, 2, H, W], the videos' flows by ``estimator``, may be given to avoid recomputing them.
     Returns ``warping_error`` (mean over videos), per-video ``per_video``, ``valid_fraction`` and
     ``estimator``.
     """
@@ -120,7 +121,10 @@ def warping_error(videos: torch.Tensor, estimator: EstimatorLike = None, alpha: 
     b, t, c, h, w = videos.shape
     first = videos[:, :-1].reshape(-1, c, h, w).float()
     second = videos[:, 1:].reshape(-1, c, h, w).float()
-    forward = estimator.flow_pairs(first, second).float()
+    if forward is None:
+        forward = estimator.flow_pairs(first, second).float()
+    else:
+        forward = forward.reshape(-1, 2, h, w).float()
     backward = estimator.flow_pairs(second, first).float()
     valid = forward_backward_valid(forward, backward, alpha, beta).float()        # [N, H, W]
     warped = warp(second, forward)
@@ -138,8 +142,13 @@ def motion_metrics(videos: torch.Tensor, estimator: EstimatorLike = None, fps: f
     """Both metrics with one estimator: ``dynamic_degree``, ``motion_magnitude``, ``warping_error``,
     ``valid_fraction``, ``estimator``, ``num_videos`` (scalars, JSON-ready)."""
     estimator = build_flow_estimator(estimator)
-    dyn = dynamic_degree(videos, estimator, fps=fps)
-    warp_err = warping_error(videos, estimator, alpha=alpha, beta=beta)
+    check_video(videos, 'motion_metrics')
+    forward = None
+    if subsample_to_8fps(videos, fps).shape[1] == videos.shape[1]:
+        # VBench's 8-fps clips are the videos themselves: one forward flow serves both metrics
+        forward = estimator(videos.float())
+    dyn = dynamic_degree(videos, estimator, fps=fps, flows=forward)
+    warp_err = warping_error(videos, estimator, alpha=alpha, beta=beta, forward=forward)
     return dict(dynamic_degree=dyn['dynamic_degree'], motion_magnitude=dyn['motion_magnitude'],
                 warping_error=warp_err['warping_error'], valid_fraction=warp_err['valid_fraction'],
                 estimator=estimator.name, num_videos=int(videos.shape[0]))

@@ -1,6 +1,7 @@
-# The base of the MoGAN Table-2 rows on the tiny recipe (../mogan_tiny.py): only the MoGAN stage
-# (changed by each leaf) and its motion evaluation. The full row is ../mogan_tiny.py's `mogan`.
-# Each row runs in its own work dir; copy the shared stages from a finished tiny run to skip them:
+# One MoGAN Table-2 row of the tiny recipe (../mogan_tiny.py, which runs every row in one work dir)
+# alone: its stage of the recipe as the `mogan` stage of a recipe of its own, and its motion
+# evaluation. Each row runs in its own work dir; copy the shared stages from a finished tiny run to
+# skip them:
 #
 #   mkdir -p work_dirs/mogan_no_r1r2
 #   cp -r work_dirs/mogan_tiny/{codecs,data,teacher,stage1,motion_prompt} work_dirs/mogan_no_r1r2/

@@ -1,11 +1,6 @@
-# MoGAN Table 2, "w/o DMD loss": the motion GAN alone (no DMD regulariser, so no fake-score steps),
-# as many motion updates as the full recipe (post_cycles = 50 cycles of 2 iterations).
+# MoGAN Table 2, "w/o DMD loss": the recipe's mogan_no_dmd stage alone (../mogan_tiny.py).
 _base_ = ['./_tiny_ablation.py']
 ablation_label = 'MoGAN w/o DMD'
 stages = dict(
-    mogan=dict(runner=dict(
-        model=dict(dmd_loss=None,
-                   schedule=[dict(role='generator', objective='motion_gan'),
-                             dict(role='motion_discriminator', objective='motion_gan')]),
-        train_cfg=dict(max_iters=100))),
+    mogan=dict(_delete_=True, runner=_base_.stages.mogan_no_dmd.runner),
     motion_eval=dict(call=dict(models=dict(_delete_=True, no_dmd='{work_dir}/mogan'))))

@@ -1,9 +1,7 @@
-# MoGAN Table 2, "w/o optical flow": the GAN on the window's latents (no VAE decoding, no flow
-# estimator; MoGAN §6.4), the same DiT discriminator with the teacher's latent patch embedding.
+# MoGAN Table 2, "w/o optical flow" (a video-space GAN on latents): the recipe's mogan_video_gan stage
+# alone (../mogan_tiny.py).
 _base_ = ['./_tiny_ablation.py']
 ablation_label = 'MoGAN w/o optical flow (video-space GAN)'
 stages = dict(
-    mogan=dict(runner=dict(model=dict(
-        motion_input='latents', vae_checkpoint=None, flow_estimator=None,
-        motion_discriminator=dict(type='LatentVideoDiscriminator')))),
+    mogan=dict(_delete_=True, runner=_base_.stages.mogan_video_gan.runner),
     motion_eval=dict(call=dict(models=dict(_delete_=True, video_gan='{work_dir}/mogan'))))
