@@ -1,15 +1,34 @@
-# The tiny two-stage VDOT demo, end to end on CPU (2 cores, about 12 minutes):
+# The tiny two-stage VDOT demo, end to end on CPU (2 idle cores, about 5–8 minutes):
 #
-#   codecs   train a tiny Wan VAE, build a tiny umT5 text encoder
-#   teacher  pretrain a tiny VACE-Wan teacher by flow matching on synthetic videos
+#   codecs   the tiny Wan VAE and umT5 text encoder: the shipped pretrained ones (default)
+#            or trained here (from scratch, below)
+#   teacher  the tiny VACE-Wan teacher: the shipped pretrained one, written as the stage's
+#            final_model.pth after 0 training iterations (default), or pretrained here by
+#            flow matching on synthetic videos (from scratch)
 #   stage1   distil its Wan DiT (text-to-video) into a 4-step generator with DMD
 #            (1500 steps, TTUR 5, as the paper's stage 1)
 #   stage2   AccWanInit (VACE teacher + stage-1 Wan blocks), then OTD + DMD / GAN
 #            (1200 steps, as the paper's stage 2)
 #            on multi-task VCUs (T2V, R2V, grey-scale V2V, outpainting MV2V)
-#   evaluate teacher (40 steps) vs student (4 steps) samples and metrics
+#   evaluate held-out samples (24 per task, seeded noise per sample): real video, codec
+#            reconstruction, teacher at 40 and at 4 steps, student at 4 steps; mean ± SE
 #
 #   mim train vdot_ext configs/vdot_tiny.py --work-dir work_dirs/vdot_tiny
+#
+# Demo assets. A CPU demo cannot train a codec and a teacher good enough to show
+# distillation, so by default the codecs and teacher stages install the small pretrained
+# assets shipped in vdot_ext/demo_assets (safetensors, made by
+# `python -m vdot_ext.tools.make_demo_assets --out vdot_ext/demo_assets`, which runs this
+# config's codecs and teacher stages from scratch with the longer settings it records in
+# vdot_ext/demo_assets/manifest.json). Each file is checked against its SHA-256 pinned below
+# (demo_asset_sha256) and loaded by the real loaders (TinyWanVAE / TinyTextEncoder, and
+# load_weights into WanVACEScore). The environment variable VDOT_DEMO_ASSETS chooses:
+#   unset or 'shipped'   the package's vdot_ext/demo_assets
+#   a folder             assets made by make_demo_assets --out <folder> (checked against
+#                        <folder>/manifest.json)
+#   'none'               from scratch: train the codecs and the teacher here (about 8 more
+#                        minutes on 2 idle cores; the codec and teacher are then much weaker)
+#   VDOT_DEMO_ASSETS=none mim train vdot_ext configs/vdot_tiny.py --work-dir work_dirs/vdot_tiny_scratch
 #
 # '{work_dir}' in a stage is replaced by the recipe's work dir.
 _base_ = ['./_base_/default_runtime.py', './_base_/vdot_objectives.py']
@@ -17,6 +36,16 @@ _base_ = ['./_base_/default_runtime.py', './_base_/vdot_objectives.py']
 # tiny models are bound by per-op overhead: one intra-op thread is as fast as
 # two on an idle 2-core machine and far faster on a busy one
 torch_num_threads = 1
+
+demo_assets = '{{$VDOT_DEMO_ASSETS:shipped}}'
+from_scratch = demo_assets.lower() == 'none'
+# SHA-256 of the shipped files, as make_demo_assets prints them; another folder is checked
+# against its own manifest.json (None)
+demo_asset_sha256 = dict(
+    vae='cb66dc5ae5c7dbe68715e3673657479738e36ef8e00746397ef763119808932c',
+    text_encoder='2687dabd904888447d1c0e87717a2a76c2b37c145d1f24b5c369a666bcd99bbc',
+    teacher='db3ca47569e11ec3d80acb98e37cd6679a1fcbce5fdf2fe0901dbddecb3f7e11',
+) if demo_assets == 'shipped' else dict(vae=None, text_encoder=None, teacher=None)
 
 num_frames, height, width = 17, 64, 64
 tasks = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
@@ -86,13 +115,18 @@ stage_order = ['codecs', 'teacher', 'stage1', 'stage2', 'evaluate']
 stages = dict(
     codecs=dict(call=dict(
         type='prepare_tiny_codecs', work_dir='{work_dir}',
-        num_frames=num_frames, height=height, width=width, seed=0)),
+        num_frames=num_frames, height=height, width=width, seed=0,
+        pretrained=None if from_scratch else demo_assets,
+        pretrained_sha256=None if from_scratch else demo_asset_sha256)),
     teacher=dict(runner=dict(
         model=dict(type='FlowMatchingPretrainer',
                    score=dict(type='WanVACEScore', preset='tiny-vace'),
-                   timestep_shift=3.0, text_drop_prob=0.1, vace_drop_prob=0.3),
+                   timestep_shift=3.0, text_drop_prob=0.1, vace_drop_prob=0.3,
+                   pretrained=None if from_scratch else dict(
+                       assets=demo_assets, sha256=demo_asset_sha256['teacher'])),
         train_dataloader=dataloader(train_videos, batch_size=8),
-        train_cfg=dict(type='IterBasedTrainLoop', max_iters=6000),
+        # shipped teacher: 0 iterations (its weights become final_model.pth)
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=6000 if from_scratch else 0),
         optim_wrapper=dict(
             constructor='RoleOptimWrapperConstructor',
             score=dict(type='OptimWrapper',
@@ -126,7 +160,7 @@ stages = dict(
         model=stage2_model,
         checkpoint='{work_dir}/stage2/final_model.pth',
         # held-out samples: another seed
-        dataset=dict(train_videos, num_samples=8, seed=99),
+        dataset=dict(train_videos, num_samples=24 * len(tasks), seed=99),
         vae_checkpoint=codec_dir + '/tiny_wan_vae.pth',
-        samples_per_task=2, teacher_steps=40)),
+        samples_per_task=24, teacher_steps=40, videos_per_task=2)),
 )

@@ -320,3 +320,16 @@ def test_tiny_ablation_killed_and_continued_gives_the_table_and_plots(tmp_path):
     assert '(3) no GAN' in table and '(6) VDOT' in table and 'Quality vs sampling steps' in table
     for plot in (ablate.STEPS_PLOT, ablate.ITERATIONS_PLOT):
         assert (root / plot).stat().st_size > 10_000
+
+
+def test_apply_seed_overrides_a_seed_the_runner_already_sets():
+    """A runner whose randomness already holds a seed gets the row's seed (a duplicate keyword used to raise
+    TypeError)."""
+    from mmengine.config import Config
+
+    from vdot_ext.tools.ablate import apply_seed
+    cfg = Config(dict(randomness=dict(seed=0, deterministic=False), stages=dict(stage2=dict(runner=dict(
+        randomness=dict(seed=5), model=dict(type='VDOTDistiller'))))))
+    apply_seed(cfg, 7, ['stage2'], 'row.py')
+    runner = cfg.stages.stage2.runner
+    assert runner.randomness == dict(seed=7, deterministic=False) and runner.model.seed == 7

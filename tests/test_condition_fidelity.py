@@ -1,5 +1,7 @@
 """Per-task condition fidelity against hand computations (VACE's grey, references on white)."""
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -145,3 +147,79 @@ def test_task_aliases_and_extension_kept_frames():
     assert condition_fidelity('extension', changed, e)['kept_psnr'] == math.inf
     changed[:, T - 1] += 0.1
     assert condition_fidelity('lastframe', changed, e)['kept_psnr'] < 30
+
+
+# ---------------------------------------------------------------------------
+# the demo's evaluation: mean ± SE, same noise and VCUs for every row
+# ---------------------------------------------------------------------------
+def test_mean_se_hand_values():
+    from vdot_ext.engine.evaluate_demo import mean_se
+    stat = mean_se([1.0, 2.0, 3.0, 6.0])  # mean 3, s² = (4 + 1 + 0 + 9) / 3
+    assert stat['mean'] == 3.0 and stat['n'] == 4
+    assert abs(stat['se'] - math.sqrt(14 / 3 / 4)) < 1e-12
+    assert mean_se([2.0]) == dict(mean=2.0, se=None, n=1)
+    assert mean_se([float('inf'), 3.0])['se'] is None  # an exact copy's PSNR: no error bar
+    assert mean_se([]) == dict(mean=None, se=None, n=0)
+
+
+@pytest.fixture(scope='module')
+def tiny_eval(tmp_path_factory):
+    """Untrained tiny codecs, a held-out dataset config and a tiny distiller checkpoint."""
+    from vdot_ext.data.synthetic_videos import caption_vocabulary
+    from vdot_ext.models.tiny_codecs import TinyTextEncoder, TinyWanVAE
+    from vdot_ext.registry import MODELS
+    from vdot_ext.utils import save_torch
+    folder = tmp_path_factory.mktemp('eval')
+    vae = TinyWanVAE(dim=8).save(str(folder / 'vae.pth'))
+    text = TinyTextEncoder(caption_vocabulary(), dim=32, dim_attn=32, dim_ffn=64).save(str(folder / 'text.pth'))
+    model = dict(type='VDOTDistiller', real_score=dict(type='WanVACEScore', preset='tiny-vace'),
+                 otd_loss=None, gan_loss=None, discriminator=None, dmd_loss=dict(type='DMDLoss'),
+                 guidance_scale=3.0, uncond='zeros', use_vace_context=True)
+    torch.manual_seed(0)
+    checkpoint = str(folder / 'final_model.pth')
+    save_torch({'state_dict': MODELS.build(model).state_dict()}, checkpoint)
+    dataset = dict(type='SyntheticVideoDataset', num_samples=8, tasks=('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint'),
+                   num_frames=5, height=32, width=32, seed=99, data_root=str(folder / 'data'),
+                   vae_checkpoint=vae, text_encoder_checkpoint=text, write_files=False)
+    return dict(model=model, checkpoint=checkpoint, dataset=dataset, vae_checkpoint=vae, root=folder)
+
+
+def _evaluate(tiny_eval, name, **kwargs):
+    from vdot_ext.engine.evaluate_demo import evaluate_vdot
+    work_dir = str(tiny_eval['root'] / name)
+    args = dict(model=tiny_eval['model'], checkpoint=tiny_eval['checkpoint'], dataset=tiny_eval['dataset'],
+                vae_checkpoint=tiny_eval['vae_checkpoint'], samples_per_task=2, videos_per_task=1)
+    evaluate_vdot(work_dir, **dict(args, **kwargs))
+    with open(f'{work_dir}/metrics.json') as f:
+        return json.load(f), work_dir
+
+
+def test_evaluate_same_noise_for_every_step_count(tiny_eval):
+    """The student's, the codec's and the real rows do not depend on the teacher's step counts; the
+    caller's RNG is untouched; every (task, metric, row) has mean ± SE over the samples."""
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    a, work_a = _evaluate(tiny_eval, 'a', teacher_steps=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(8)  # another global RNG state: must not matter
+    b, _ = _evaluate(tiny_eval, 'b', teacher_steps=2, teacher_few_steps=1)
+    assert a['teacher_few_steps'] == a['student_steps'] == 4 and b['teacher_few_steps'] == 1
+    for task, per_metric in a['stats'].items():
+        for metric, rows in per_metric.items():
+            assert set(rows) == {'real', 'codec', 'teacher', 'teacher_few', 'student'}, rows
+            for row in ('real', 'codec', 'student'):
+                assert rows[row] == b['stats'][task][metric][row], (task, metric, row)
+            if metric.endswith('psnr'):  # (an untrained model's colour metrics are all 0)
+                assert rows['teacher'] != b['stats'][task][metric]['teacher']
+            assert rows['student']['n'] == 2 and rows['student']['se'] is not None
+            diff = a['paired_differences'][task][metric]['student-teacher_few']
+            assert abs(diff['mean'] - (rows['student']['mean'] - rows['teacher_few']['mean'])) < 1e-9
+            assert a['metrics'][task][f'student/{metric}'] == rows['student']['mean']
+            assert a['standard_errors'][task][f'student/{metric}'] == rows['student']['se']
+    # one video per task, six panels
+    assert len([f for f in os.listdir(f'{work_a}/samples') if f.endswith('.mp4')]) == 4
+    table = open(f'{work_a}/metrics.md').read()
+    assert 'teacher_few (4 steps)' in table and '±' in table
+    # too few held-out samples of a task is an error, not a silently smaller n
+    with pytest.raises(ValueError, match='samples_per_task=3'):
+        _evaluate(tiny_eval, 'c', samples_per_task=3)

@@ -1,7 +1,9 @@
 """`mim train vdot_ext configs/vdot_tiny.py` in a subprocess, as a user runs it.
 
-The default run shortens every stage; the full demo (as README's first command
-runs it) is marked ``slow``.
+The default run installs the shipped demo assets (codecs, teacher) and shortens
+the other stages; the from-scratch path (``VDOT_DEMO_ASSETS=none``) is run for its
+codecs and teacher stages; the full demo (as README's first command runs it) is
+marked ``slow``.
 """
 import json
 import os
@@ -10,14 +12,13 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TASKS = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
 TRAINING_STAGES = ('teacher', 'stage1', 'stage2')
 
 SHORT = [
-    'stages.codecs.call.vae_steps=8', 'stages.codecs.call.num_train_videos=4',
-    'stages.teacher.runner.train_cfg.max_iters=4',
     'stages.teacher.runner.train_dataloader.dataset.num_samples=8',
     'stages.stage1.runner.train_cfg.max_iters=3',
     'stages.stage1.runner.train_dataloader.dataset.num_samples=8',
@@ -36,11 +37,16 @@ def _mim():
     return mim
 
 
-def _run(work_dir, options=(), timeout=1200, expect_ok=True):
+def _run(work_dir, options=(), timeout=1200, expect_ok=True, assets=None, stages=None):
     cmd = [_mim(), 'train', 'vdot_ext', 'configs/vdot_tiny.py', '--work-dir', str(work_dir)]
+    if stages:
+        cmd += ['--stages', *stages]
     if options:
         cmd += ['--cfg-options', *options]
     env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env.pop('VDOT_DEMO_ASSETS', None)
+    if assets is not None:
+        env['VDOT_DEMO_ASSETS'] = assets
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if expect_ok:
@@ -53,7 +59,9 @@ def _check_outputs(work_dir):
         assert osp.isfile(osp.join(work_dir, stage, 'stage_done.json')), stage
     for stage in TRAINING_STAGES:
         assert osp.isfile(osp.join(work_dir, stage, 'final_model.pth')), stage
+    for stage in ('stage1', 'stage2'):  # the shipped teacher trains 0 iterations: no curve
         assert osp.isfile(osp.join(work_dir, stage, 'loss_curve.png')), stage
+    _check_shipped_install(work_dir)
     from vdot_ext.engine.checkpointing import resolve_resume_checkpoint
     from vdot_ext.engine.hooks import read_loss_curves
     losses = read_loss_curves(resolve_resume_checkpoint(osp.join(work_dir, 'stage2')))
@@ -62,17 +70,36 @@ def _check_outputs(work_dir):
     with open(osp.join(work_dir, 'evaluate', 'metrics.json')) as f:
         metrics = json.load(f)
     assert set(metrics['metrics']) == set(TASKS)
-    assert metrics['student_steps'] == 4
+    assert metrics['student_steps'] == 4 and metrics['teacher_few_steps'] == 4
     for task in ('mv2v_outpaint', 'v2v_gray'):
         keys = metrics['metrics'][task]
-        assert any(k.startswith('teacher/') for k in keys)
-        assert any(k.startswith('student/') for k in keys)
+        for row in ('real', 'codec', 'teacher', 'teacher_few', 'student'):
+            assert any(k.startswith(row + '/') for k in keys), (row, keys)
+            assert set(metrics['standard_errors'][task]) == set(keys)
+    assert open(osp.join(work_dir, 'evaluate', 'metrics.md')).read().startswith('| task | metric | n |')
     samples = sorted(os.listdir(osp.join(work_dir, 'evaluate', 'samples')))
     assert {s.split('_0')[0] for s in samples} == set(TASKS)
     from decord import VideoReader
     reader = VideoReader(osp.join(work_dir, 'evaluate', 'samples', samples[0]))
     assert len(reader) == 17
     return metrics
+
+
+def _check_shipped_install(work_dir):
+    """The codecs and teacher stages installed the shipped assets, byte for byte in weights."""
+    from safetensors.torch import load_file
+
+    from vdot_ext.models.tiny_codecs import DEMO_ASSET_FILES, DEMO_ASSETS_DIR, TinyWanVAE
+    from vdot_ext.models.weights import read_state_dict
+    shipped = TinyWanVAE.load_safetensors(osp.join(DEMO_ASSETS_DIR, DEMO_ASSET_FILES['vae']))
+    installed = TinyWanVAE.load(osp.join(work_dir, 'codecs', 'tiny_wan_vae.pth'))
+    for key, value in shipped.model.state_dict().items():
+        assert torch.equal(installed.model.state_dict()[key], value), key
+    teacher = load_file(osp.join(DEMO_ASSETS_DIR, DEMO_ASSET_FILES['teacher']))
+    final = read_state_dict(osp.join(work_dir, 'teacher', 'final_model.pth'))
+    assert {k: v for k, v in final.items() if k.startswith('score.')}.keys() == {f'score.{k}' for k in teacher}
+    for key, value in teacher.items():
+        assert torch.equal(final[f'score.{key}'], value), key
 
 
 @pytest.mark.timeout(1500)
@@ -102,3 +129,23 @@ def test_mim_train_tiny_demo_full(tmp_path):
     out = metrics['mv2v_outpaint']
     # the 4-step student keeps the outpainting condition about as well as the teacher
     assert out['student/kept_psnr'] > out['teacher/kept_psnr'] - 3.0, out
+
+
+@pytest.mark.timeout(1500)
+def test_mim_train_from_scratch_flag(tmp_path):
+    """VDOT_DEMO_ASSETS=none: the codecs and teacher stages train instead of installing the assets."""
+    work_dir = tmp_path / 'scratch'
+    options = ['stages.codecs.call.vae_steps=4', 'stages.codecs.call.num_train_videos=2',
+               'stages.teacher.runner.train_cfg.max_iters=3',
+               'stages.teacher.runner.train_dataloader.dataset.num_samples=8']
+    _run(work_dir, options, assets='none', stages=['codecs', 'teacher'])
+    with open(osp.join(work_dir, 'codecs', 'tiny_codecs.json')) as f:
+        assert json.load(f)['vae']['steps'] == 4  # trained here, not installed
+    with open(osp.join(work_dir, 'teacher', 'stage_done.json')) as f:
+        assert json.load(f)['result']['iterations'] == 3
+    assert osp.isfile(osp.join(work_dir, 'teacher', 'loss_curve.png'))
+    # a missing asset folder is a clear error naming the folder and the command that makes it
+    proc = _run(tmp_path / 'missing', SHORT, assets=str(tmp_path / 'no_assets'), stages=['codecs'],
+                expect_ok=False)
+    assert proc.returncode != 0
+    assert 'no_assets' in proc.stderr and 'make_demo_assets' in proc.stderr, proc.stderr[-3000:]

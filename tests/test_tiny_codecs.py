@@ -108,6 +108,24 @@ def test_training_reduces_loss_and_refreezes():
     assert not vae.model.training
 
 
+def test_decoder_only_training_keeps_the_latents():
+    """decoder_only: conv2 + decoder improve, the encoder, conv1 and the latent scale stay bit-identical
+    (models trained on the latents stay valid)."""
+    vae = TinyWanVAE(dim=8, seed=0)
+    x = _videos(8, 5, 32, seed=4)
+    vae.init_for_training(x[:2])
+    vae.set_latent_scale(torch.linspace(-0.1, 0.1, 16), torch.linspace(0.9, 1.1, 16))
+    before = {k: v.clone() for k, v in vae.model.state_dict().items()}
+    latents = vae.encode(x[:2])
+    result = train_tiny_vae(vae, x, steps=30, lr=3e-3, batch_size=4, clip_frames=5, log_every=0, seed=0,
+                            decoder_only=True)
+    assert result['final_recon_psnr'] > result['initial_recon_psnr']
+    assert torch.equal(vae.encode(x[:2]), latents)
+    changed = {k for k, v in vae.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith(('decoder.', 'conv2.')) for k in changed), sorted(changed)[:5]
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.model.training
+
+
 def test_init_for_training_lets_the_input_through():
     """Default init: the output hardly depends on the input; after
     init_for_training (zero residuals, LSUV) it does, with unit-std latents."""

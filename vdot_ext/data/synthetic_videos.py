@@ -543,8 +543,21 @@ def prepare_tiny_codecs(work_dir: str,
                         vae_crop_size: Optional[int] = 32,
                         vae_cfg: Optional[dict] = None,
                         text_cfg: Optional[dict] = None,
+                        pretrained: Optional[str] = None,
+                        pretrained_sha256: Optional[dict] = None,
                         logger: Optional[logging.Logger] = None) -> Dict[str, object]:
-    """Train (once) and save the tiny VAE and build the tiny text encoder.
+    """Train (once) and save the tiny VAE and build the tiny text encoder, or,
+    with ``pretrained``, install the shipped ones.
+
+    ``pretrained``: ``'shipped'`` (the package's ``vdot_ext/demo_assets``) or a
+    folder made by ``python -m vdot_ext.tools.make_demo_assets``. Its
+    ``tiny_wan_vae.safetensors`` and ``tiny_text_encoder.safetensors`` are
+    checked against ``pretrained_sha256`` (``dict(vae=..., text_encoder=...)``,
+    the config's pin; default: the folder's ``manifest.json``), read with
+    ``TinyWanVAE.load_safetensors`` / ``TinyTextEncoder.load_safetensors`` and
+    written to the same ``.pth`` files as the trained ones; the training
+    options are then unused (logged). The assets' renderer version must equal
+    ``GENERATOR_VERSION`` and their geometry this call's.
 
     Files: ``<work_dir>/codecs/tiny_wan_vae.pth``,
     ``<work_dir>/codecs/tiny_text_encoder.pth`` and ``tiny_codecs.json`` (metrics).
@@ -568,6 +581,9 @@ def prepare_tiny_codecs(work_dir: str,
     vae_cfg = dict(dict(dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1, seed=seed), **(vae_cfg or {}))
     text_cfg = dict(dict(max_length=16, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
                          num_layers=2, num_buckets=32, seed=seed), **(text_cfg or {}))
+    if pretrained is not None:
+        return _install_pretrained_codecs(pretrained, pretrained_sha256 or {}, codec_dir, num_frames,
+                                          height, width, logger)
     vae_clip_frames = num_frames if vae_clip_frames is None else vae_clip_frames
     if vae_crop_size is not None and vae_crop_size > min(height, width):
         vae_crop_size = None  # videos smaller than the crop: train on whole frames
@@ -606,3 +622,41 @@ def prepare_tiny_codecs(work_dir: str,
     write_json(metrics_path, metrics, indent=1)
     return dict(vae_checkpoint=vae_path, text_encoder_checkpoint=text_path,
                 text_dim=int(text_cfg['dim']), metrics=metrics)
+
+
+def _install_pretrained_codecs(assets: str, sha256: dict, codec_dir: str, num_frames: int, height: int,
+                               width: int, logger: logging.Logger) -> Dict[str, object]:
+    """``prepare_tiny_codecs(pretrained=...)``: verified shipped codecs → the codec ``.pth`` files."""
+    from vdot_ext.models.tiny_codecs import DEMO_ASSETS_COMMAND, TinyTextEncoder, TinyWanVAE, verify_demo_asset
+    vae_asset = verify_demo_asset(assets, 'vae', sha256.get('vae'))
+    text_asset = verify_demo_asset(assets, 'text_encoder', sha256.get('text_encoder'))
+    vae = TinyWanVAE.load_safetensors(vae_asset)
+    made = json.loads(json.dumps(vae_extra(vae_asset)))
+    prepare = made.get('prepare_config', {})
+    expected = dict(generator_version=GENERATOR_VERSION, num_frames=num_frames, height=height, width=width)
+    found = {k: prepare.get(k) for k in expected}
+    if found != expected:
+        raise ValueError(f'prepare_tiny_codecs.pretrained: {vae_asset} was trained on {found}, this recipe '
+                         f'needs {expected}; regenerate the assets with `{DEMO_ASSETS_COMMAND}` or set '
+                         'VDOT_DEMO_ASSETS=none to train from scratch')
+    text_encoder = TinyTextEncoder.load_safetensors(text_asset)
+    if text_encoder.tokenizer.words != caption_vocabulary():
+        raise ValueError(f'prepare_tiny_codecs.pretrained: {text_asset} has another vocabulary than '
+                         f'caption_vocabulary(); regenerate the assets with `{DEMO_ASSETS_COMMAND}`')
+    vae_path = os.path.join(codec_dir, 'tiny_wan_vae.pth')
+    text_path = os.path.join(codec_dir, 'tiny_text_encoder.pth')
+    vae.save(vae_path, extra=dict(made, installed_from=vae_asset))
+    text_encoder.save(text_path)
+    metrics = dict(vae=made.get('metrics', {}), pretrained=dict(vae=vae_asset, text_encoder=text_asset))
+    write_json(os.path.join(codec_dir, 'tiny_codecs.json'), metrics, indent=1)
+    logger.info(f'prepare_tiny_codecs: installed the pretrained codecs {vae_asset} and {text_asset} '
+                f'(SHA-256 verified; training options unused) as {vae_path}, {text_path}')
+    return dict(vae_checkpoint=vae_path, text_encoder_checkpoint=text_path, text_dim=text_encoder.dim,
+                metrics=metrics)
+
+
+def vae_extra(path: str) -> dict:
+    """The ``extra`` metadata (recipe, metrics) of a ``TinyWanVAE`` safetensors file."""
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as handle:
+        return json.loads((handle.metadata() or {}).get('extra', '{}'))

@@ -29,6 +29,13 @@ class FlowMatchingPretrainer(BaseModel):
         max_consecutive_nonfinite: after this many skipped steps in a row
             (non-finite loss or gradients; docs/DESIGN.md §11) training stops with
             ``RuntimeError``.
+        pretrained: start ``score`` from the demo's shipped teacher:
+            ``dict(assets='shipped' or a folder, sha256=None or the pinned digest)``.
+            ``tiny_vace_teacher.safetensors`` there is checked against the digest
+            (default: the folder's ``manifest.json``) and read with
+            ``load_weights`` (strict keys and shapes, finite values) — the loader
+            of every other score checkpoint. With ``max_iters=0`` the teacher
+            stage then writes these weights as its ``final_model.pth``.
     """
 
     TRAINABLE_ROLES = ('score', )
@@ -39,16 +46,30 @@ class FlowMatchingPretrainer(BaseModel):
                  text_drop_prob: float = 0.1,
                  vace_drop_prob: float = 0.3,
                  max_consecutive_nonfinite: int = 10,
+                 pretrained: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.score = MODELS.build(score)
+        if pretrained is not None:
+            self._load_pretrained(dict(pretrained))
         self.timestep_shift = timestep_shift
         self.text_drop_prob = text_drop_prob
         self.vace_drop_prob = vace_drop_prob
         # skip counter (a buffer: it survives resume)
         self.nonfinite_guard = NonFiniteGuard(self.TRAINABLE_ROLES, max_consecutive_nonfinite,
                                               owner='FlowMatchingPretrainer')
+
+    def _load_pretrained(self, pretrained: dict) -> None:
+        from .tiny_codecs import verify_demo_asset
+        from .weights import load_weights
+        unknown = set(pretrained) - {'assets', 'sha256'}
+        if unknown or 'assets' not in pretrained:
+            raise ValueError(f'FlowMatchingPretrainer.pretrained: expected dict(assets=..., sha256=...), '
+                             f'got keys {sorted(pretrained)}')
+        path = verify_demo_asset(pretrained['assets'], 'teacher', pretrained.get('sha256'))
+        load_weights(self.score, path, field='FlowMatchingPretrainer.pretrained')
+        self.pretrained_path = path
 
     def trainable_roles(self):
         return {'score': [self.score]}

@@ -20,11 +20,17 @@ the same code paths as the 14B setup:
 
 Checkpoints are single ``.pth`` files holding plain tensors/lists/dicts, written
 atomically (temporary file, then rename) and read with ``weights_only=True``
-(docs/DESIGN.md §8).
+(docs/DESIGN.md §8). Both codecs can also be written to / read from a
+``.safetensors`` file (tensors + the JSON config in the file's metadata): the
+format of the demo's shipped assets (``vdot_ext/demo_assets``, made by
+``python -m vdot_ext.tools.make_demo_assets``), which are checked against
+SHA-256 digests before use (:func:`verify_demo_asset`).
 """
 import hashlib
+import json
 import logging
 import math
+import os.path as osp
 import re
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -33,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from vdot_ext.registry import MODELS
-from vdot_ext.utils import assert_finite_state_dict, safe_torch_load, save_torch
+from vdot_ext.utils import assert_finite_state_dict, load_tensor_file, safe_torch_load, save_safetensors, save_torch
 
 
 def _default_logger() -> logging.Logger:
@@ -53,6 +59,68 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b''):
             digest.update(block)
     return digest.hexdigest()
+
+
+# the demo's shipped pretrained codecs and teacher (docs/DESIGN.md §8)
+DEMO_ASSETS_DIR = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'demo_assets')
+DEMO_ASSETS_COMMAND = 'python -m vdot_ext.tools.make_demo_assets --out vdot_ext/demo_assets'
+DEMO_ASSET_FILES = dict(vae='tiny_wan_vae.safetensors', text_encoder='tiny_text_encoder.safetensors',
+                        teacher='tiny_vace_teacher.safetensors')
+DEMO_MANIFEST = 'manifest.json'
+
+
+def demo_assets_dir(assets: str) -> str:
+    """The folder of ``assets``: ``'shipped'`` (the package's ``vdot_ext/demo_assets``) or a path."""
+    if not isinstance(assets, str) or not assets:
+        raise ValueError(f"demo_assets: expected 'shipped' or a folder, got {assets!r}")
+    folder = DEMO_ASSETS_DIR if assets == 'shipped' else osp.expanduser(assets)
+    if not osp.isdir(folder):
+        raise FileNotFoundError(f'demo_assets: folder {folder!r} does not exist; make it with '
+                                f'`{DEMO_ASSETS_COMMAND}` (from the repository root)')
+    return folder
+
+
+def verify_demo_asset(assets: str, key: str, sha256: Optional[str] = None) -> str:
+    """Path of the demo asset ``key`` (``vae``, ``text_encoder``, ``teacher``) after
+    checking its SHA-256 against ``sha256`` (the config's pin) or, when None,
+    against ``manifest.json`` in the same folder. A missing file, a missing
+    manifest entry or a mismatch is an error naming the file and the command
+    that regenerates it."""
+    if key not in DEMO_ASSET_FILES:
+        raise KeyError(f'demo asset {key!r}: expected one of {sorted(DEMO_ASSET_FILES)}')
+    folder = demo_assets_dir(assets)
+    path = osp.join(folder, DEMO_ASSET_FILES[key])
+    redo = (f'regenerate the assets with `{DEMO_ASSETS_COMMAND}` (from the repository root) '
+            'and update the pinned digests in configs/vdot_tiny.py (demo_asset_sha256)')
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'demo asset {key}: file {path} does not exist; {redo}')
+    if sha256 is None:
+        manifest = osp.join(folder, DEMO_MANIFEST)
+        if not osp.isfile(manifest):
+            raise FileNotFoundError(f'demo asset {key}: no pinned SHA-256 and no {manifest}; {redo}')
+        with open(manifest) as handle:
+            sha256 = json.load(handle).get('files', {}).get(DEMO_ASSET_FILES[key], {}).get('sha256')
+        if not sha256:
+            raise ValueError(f'demo asset {key}: {manifest} has no sha256 for {DEMO_ASSET_FILES[key]}; {redo}')
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise ValueError(f'demo asset {key}: {path} has SHA-256 {actual}, expected {sha256} '
+                         f'(a changed or corrupt file); {redo}')
+    return path
+
+
+def _read_safetensors(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata dict) of a codec ``.safetensors`` file written by ``save_safetensors``;
+    NaN/Inf is a ``NonFiniteError`` naming the file."""
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as handle:
+        meta = handle.metadata() or {}
+    if meta.get('kind') != kind or 'config' not in meta:
+        raise ValueError(f'{path}: not a {kind} safetensors file (metadata kind={meta.get("kind")!r}, '
+                         f'expected {kind!r} with a config)')
+    tensors = load_tensor_file(path, field=f'{kind} safetensors')
+    assert_finite_state_dict(tensors, path)
+    return tensors, {k: json.loads(v) for k, v in meta.items() if k != 'kind'}
 
 
 def _check_video_shape(videos: torch.Tensor, name: str = 'videos') -> None:
@@ -294,6 +362,26 @@ class TinyWanVAE(nn.Module):
         vae.set_latent_scale(payload['latent_mean'], payload['latent_std'])
         return vae.freeze()
 
+    def save_safetensors(self, path: str, extra: Optional[dict] = None) -> str:
+        """The ``VideoVAE_`` weights + ``latent_mean``/``latent_std`` as safetensors; config
+        and ``extra`` as JSON metadata (no pickle)."""
+        tensors = dict(self.model.state_dict(), latent_mean=self.latent_mean, latent_std=self.latent_std)
+        save_safetensors(tensors, path, metadata=dict(kind='TinyWanVAE', config=json.dumps(self.config),
+                                                      extra=json.dumps(extra or {})))
+        return path
+
+    @classmethod
+    def load_safetensors(cls, path: str) -> 'TinyWanVAE':
+        """Inverse of :meth:`save_safetensors` (strict keys, finite values)."""
+        tensors, meta = _read_safetensors(path, 'TinyWanVAE')
+        mean, std = tensors.pop('latent_mean', None), tensors.pop('latent_std', None)
+        if mean is None or std is None:
+            raise ValueError(f'{path}: TinyWanVAE safetensors file lacks latent_mean/latent_std')
+        vae = cls(**meta['config'])
+        vae.model.load_state_dict(tensors, strict=True)
+        vae.set_latent_scale(mean, std)
+        return vae.freeze()
+
 
 def _as_video_pool(videos) -> torch.Tensor:
     """Tensor [N, 3, T, H, W] from a tensor, a sequence of [3, T, H, W] tensors,
@@ -346,7 +434,8 @@ def train_tiny_vae(vae: TinyWanVAE,
                    latent_l2: float = 1e-4,
                    eval_videos: Optional[torch.Tensor] = None,
                    seed: int = 0,
-                   calibrate: bool = True) -> Dict[str, float]:
+                   calibrate: bool = True,
+                   decoder_only: bool = False) -> Dict[str, float]:
     """Train the tiny VAE as an autoencoder; returns metrics.
 
     Loss: ``mean((D(E(x)) − x)²) + latent_l2·mean(μ²)`` on random
@@ -360,6 +449,12 @@ def train_tiny_vae(vae: TinyWanVAE,
     frozen again at the end, whatever happens. ``VideoVAE_.encode`` only uses μ
     (no sampling), so there is no KL term; the small μ² penalty keeps latents
     bounded before :meth:`TinyWanVAE.calibrate_latent_scale` normalises them.
+
+    ``decoder_only``: train ``conv2`` + ``decoder`` alone on the latents of the
+    frozen encoder (no latent penalty, no recalibration): the latents, their
+    normalisation and so any model trained on them stay exactly as they were,
+    while decoded videos get better (the demo assets fine-tune the codec's
+    decoder after the teacher has been trained on its latents).
 
     Returns ``dict(final_recon_psnr, initial_recon_psnr, first_loss, last_loss,
     train_seconds, steps)``; PSNRs are measured through ``encode``/``decode`` on
@@ -378,7 +473,11 @@ def train_tiny_vae(vae: TinyWanVAE,
     initial_psnr = recon_psnr(vae, eval_set)
     generator = torch.Generator().manual_seed(seed)
     model = vae.model
-    params = [p for p in model.parameters()]
+    if decoder_only:
+        params = list(model.conv2.parameters()) + list(model.decoder.parameters())
+        calibrate = False
+    else:
+        params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     # linear warm-up (Adam's first steps are large) then cosine decay to 10%
     warmup = max(1, steps // 10)
@@ -393,7 +492,12 @@ def train_tiny_vae(vae: TinyWanVAE,
     losses: List[float] = []
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        model.train().requires_grad_(True)
+        model.train().requires_grad_(not decoder_only)
+        for p in params:
+            p.requires_grad_(True)
+        if decoder_only:
+            model.encoder.eval()
+            model.conv1.eval()
         for step in range(steps):
             idx = torch.randint(0, pool.shape[0], (batch_size, ), generator=generator)
             t0 = int(torch.randint(0, pool.shape[2] - clip_frames + 1, (1, ), generator=generator))
@@ -406,9 +510,14 @@ def train_tiny_vae(vae: TinyWanVAE,
             flip = torch.rand(batch_size, generator=generator) < 0.5
             clip = torch.where(flip.view(-1, 1, 1, 1, 1), clip.flip(-1), clip)
             with torch.enable_grad():
-                mu = vae.encode_with_grad(clip)
-                recon = vae.decode_with_grad(mu)
-                loss = ((recon - clip)**2).mean() + latent_l2 * (mu**2).mean()
+                if decoder_only:
+                    with torch.no_grad():
+                        mu = vae.encode_with_grad(clip)
+                    loss = ((vae.decode_with_grad(mu) - clip)**2).mean()
+                else:
+                    mu = vae.encode_with_grad(clip)
+                    recon = vae.decode_with_grad(mu)
+                    loss = ((recon - clip)**2).mean() + latent_l2 * (mu**2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -569,4 +678,18 @@ class TinyTextEncoder(nn.Module):
         assert_finite_state_dict(payload['state_dict'], path)
         encoder = cls(**payload['config'])
         encoder.encoder.load_state_dict(payload['state_dict'], strict=True)
+        return encoder
+
+    def save_safetensors(self, path: str) -> str:
+        """The encoder weights as safetensors, the config (vocabulary included) as JSON metadata."""
+        save_safetensors(dict(self.encoder.state_dict()), path,
+                         metadata=dict(kind='TinyTextEncoder', config=json.dumps(self.config)))
+        return path
+
+    @classmethod
+    def load_safetensors(cls, path: str) -> 'TinyTextEncoder':
+        """Inverse of :meth:`save_safetensors` (strict keys, finite values)."""
+        tensors, meta = _read_safetensors(path, 'TinyTextEncoder')
+        encoder = cls(**meta['config'])
+        encoder.encoder.load_state_dict(tensors, strict=True)
         return encoder

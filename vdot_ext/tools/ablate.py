@@ -147,7 +147,8 @@ def apply_seed(cfg, seed: int, seed_stages: Sequence[str], filename: str) -> Non
                                    f'{sorted(cfg.stages)})')
         if 'runner' in stage:
             runner = stage['runner']
-            runner['randomness'] = dict(randomness, **dict(runner.get('randomness') or {}), seed=int(seed))
+            # the seed overrides any seed the runner or the config sets (a keyword given twice would raise)
+            runner['randomness'] = {**randomness, **dict(runner.get('randomness') or {}), 'seed': int(seed)}
             model = runner.get('model') or {}
             model_cls = MODELS.get(model.get('type')) if isinstance(model.get('type'), str) else model.get('type')
             if model_cls is not None and _accepts(model_cls, 'seed'):
@@ -475,8 +476,9 @@ def summary_table(rows: dict) -> dict:
                 for key, value in values.items():
                     if '/' in key and not key.startswith('student/'):
                         prefix, metric = key.split('/', 1)
-                        label = prefix + (f', {e["teacher_steps"]} steps' if prefix == 'teacher' and
-                                          'teacher_steps' in e else '')
+                        # evaluate_vdot's rows: teacher (many steps), teacher_few (the student's count)
+                        steps = e.get({'teacher': 'teacher_steps', 'teacher_few': 'teacher_few_steps'}.get(prefix, ''))
+                        label = prefix + (f', {steps} steps' if steps is not None else '')
                         pooled.setdefault(label, {}).setdefault((task, metric), []).append(value)
     references = OrderedDict((label, {col: _mean_std(vals) for col, vals in cols.items()})
                              for label, cols in pooled.items())

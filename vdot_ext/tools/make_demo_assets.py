@@ -1,0 +1,212 @@
+"""Make the tiny demo's pretrained assets: the tiny Wan VAE, the tiny umT5 text
+encoder and the tiny VACE-Wan teacher, as safetensors (docs/DESIGN.md §8).
+
+    python -m vdot_ext.tools.make_demo_assets --out vdot_ext/demo_assets
+
+Runs the ``codecs`` and ``teacher`` stages of ``configs/vdot_tiny.py`` from
+scratch (``VDOT_DEMO_ASSETS=none``) through ``vdot_ext.tools.train`` — the same
+stage driver, codec trainer and ``FlowMatchingPretrainer`` as the demo's
+from-scratch path — with longer settings (``ASSET_OPTIONS``, overridable with
+``--cfg-options``), then writes to ``--out``:
+
+* ``tiny_wan_vae.safetensors`` (``TinyWanVAE.save_safetensors``: ``VideoVAE_``
+  weights, latent mean/std; config, recipe and metrics as metadata), its
+  decoder fine-tuned alone (``--decoder-steps``) after the teacher was trained:
+  the encoder, hence every latent the teacher learnt from, is unchanged,
+* ``tiny_text_encoder.safetensors`` (``TinyTextEncoder.save_safetensors``),
+* ``tiny_vace_teacher.safetensors`` (the ``WanVACEScore`` state dict, no prefix),
+* ``manifest.json``: SHA-256 and size of each file, the command, its wall and
+  CPU time, the options, the codec's PSNR on the demo's held-out videos, the
+  versions of the renderer and libraries.
+
+It prints the ``demo_asset_sha256`` lines to pin in ``configs/vdot_tiny.py``.
+The stages' work dir (``--work-dir``, default ``work_dirs/demo_assets``) keeps
+the logs; a rerun with the same options reuses finished stages.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import sys
+import time
+
+# the asset recipe: the demo's from-scratch stages, trained longer (~35 min CPU at 1 thread)
+ASSET_OPTIONS = {
+    'stages.codecs.call.num_train_videos': 96,
+    'stages.codecs.call.vae_steps': 2000,
+    'stages.codecs.call.vae_lr': 2e-3,
+    'stages.codecs.call.vae_batch_size': 2,
+    'stages.teacher.runner.train_cfg.max_iters': 12000,
+    'stages.teacher.runner.train_dataloader.dataset.num_samples': 1024,
+}
+# then the codec's decoder alone (the latents the teacher learnt stay bit-identical)
+DECODER_STEPS = 1500
+DECODER_LR = 1e-3
+TEACHER_SCHEDULE = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=300),
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=300, end=None, eta_min_ratio=0.05),
+]
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description='Make the tiny demo\'s pretrained codec and teacher assets')
+    parser.add_argument('--out', required=True, help='output folder (the shipped one: vdot_ext/demo_assets)')
+    parser.add_argument('--config', default='configs/vdot_tiny.py', help='the demo config')
+    parser.add_argument('--work-dir', default=None, help='work dir of the stages (default: work_dirs/demo_assets)')
+    parser.add_argument('--decoder-steps', type=int, default=DECODER_STEPS,
+                        help='fine-tune the codec\'s decoder alone for this many steps after the teacher (0: no)')
+    parser.add_argument('--decoder-lr', type=float, default=DECODER_LR, help='its peak learning rate')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, metavar='KEY=VALUE',
+                        help='override ASSET_OPTIONS or other config entries')
+    return parser.parse_args(argv)
+
+
+def _held_out_psnr(vae_path: str, num_frames: int, height: int, width: int, count: int = 16) -> float:
+    """Reconstruction PSNR of the codec on the demo evaluation's held-out videos (seed 99)."""
+    from vdot_ext.data.synthetic_videos import render_training_videos
+    from vdot_ext.models.tiny_codecs import TinyWanVAE, recon_psnr
+    videos = render_training_videos(count, num_frames, height, width, seed=99)
+    return recon_psnr(TinyWanVAE.load(vae_path), videos)
+
+
+def _finetune_decoder(vae_pth: str, out_pth: str, cfg, options: dict, steps: int, lr: float) -> dict:
+    """``train_tiny_vae(decoder_only=True)`` on the codec stage's training videos; cached in ``out_pth``."""
+    from mmengine.logging import MMLogger
+
+    from vdot_ext.data.synthetic_videos import render_training_videos
+    from vdot_ext.models.tiny_codecs import TinyWanVAE, file_sha256, train_tiny_vae
+    from vdot_ext.utils import safe_torch_load
+    call = cfg.stages.codecs.call
+    seed = int(call.get('seed', 0))
+    recipe = dict(source_sha256=file_sha256(vae_pth), steps=steps, lr=lr,
+                  num_train_videos=int(options.get('stages.codecs.call.num_train_videos', 48)),
+                  batch_size=int(options.get('stages.codecs.call.vae_batch_size', 2)), crop_size=32, seed=seed)
+    if osp.isfile(out_pth):
+        extra = safe_torch_load(out_pth, field='fine-tuned VAE').get('extra', {})
+        if extra.get('decoder_finetune', {}).get('recipe') == recipe:
+            return extra['decoder_finetune']
+    vae = TinyWanVAE.load(vae_pth)
+    frames, height, width = cfg.num_frames, cfg.height, cfg.width
+    videos = render_training_videos(recipe['num_train_videos'], frames, height, width, seed + 1_000_003)
+    eval_videos = render_training_videos(8, frames, height, width, seed + 2_000_003)
+    result = train_tiny_vae(vae, videos, steps=steps, lr=lr, batch_size=recipe['batch_size'],
+                            crop_size=recipe['crop_size'], eval_videos=eval_videos, seed=seed + 1,
+                            logger=MMLogger.get_current_instance(), log_every=max(steps // 6, 1),
+                            decoder_only=True)
+    finetune = dict(recipe=recipe, metrics=result)
+    source_extra = safe_torch_load(vae_pth, field='tiny VAE checkpoint').get('extra', {})
+    vae.save(out_pth, extra=dict(source_extra, decoder_finetune=finetune))
+    return finetune
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start, cpu_start = time.time(), time.process_time()
+    os.environ['VDOT_DEMO_ASSETS'] = 'none'  # the config's from-scratch path
+    from mmengine.config import Config
+
+    from vdot_ext.data.synthetic_videos import DATASET_VERSION, GENERATOR_VERSION
+    from vdot_ext.models.tiny_codecs import DEMO_ASSET_FILES, DEMO_MANIFEST, TinyTextEncoder, TinyWanVAE, file_sha256
+    from vdot_ext.models.weights import read_state_dict
+    from vdot_ext.tools import train
+    from vdot_ext.utils import save_safetensors, write_json
+
+    out = osp.abspath(args.out)
+    work_dir = osp.abspath(args.work_dir or osp.join('work_dirs', 'demo_assets'))
+    options = dict(ASSET_OPTIONS, **args.cfg_options)
+    cfg = Config.fromfile(args.config)
+    max_iters = options['stages.teacher.runner.train_cfg.max_iters']
+    schedule = [dict(s, end=max_iters) if s['end'] is None else s for s in TEACHER_SCHEDULE]
+    # the options file keeps the schedule (a list) out of the command line
+    options_file = osp.join(work_dir, 'asset_options.py')
+    os.makedirs(work_dir, exist_ok=True)
+    with open(options_file, 'w') as handle:
+        handle.write(f'_base_ = [{osp.abspath(args.config)!r}]\n')
+        handle.write(f'stages = dict(teacher=dict(runner=dict(param_scheduler={schedule!r})))\n')
+    argv_train = [options_file, '--work-dir', work_dir, '--stages', 'codecs', 'teacher',
+                  '--cfg-options'] + [f'{k}={v}' for k, v in options.items()]
+    train.main(argv_train)
+    stage_seconds = {}
+    for stage in ('codecs', 'teacher'):
+        with open(osp.join(work_dir, stage, 'stage_done.json')) as handle:
+            stage_seconds[stage] = json.load(handle)['result'].get('seconds')
+
+    os.makedirs(out, exist_ok=True)
+    vae_pth = osp.join(work_dir, 'codecs', 'tiny_wan_vae.pth')
+    if args.decoder_steps > 0:
+        finetuned = osp.join(work_dir, 'codec_decoder', 'tiny_wan_vae.pth')
+        finetune = _finetune_decoder(vae_pth, finetuned, cfg, options, args.decoder_steps, args.decoder_lr)
+        stage_seconds['decoder_finetune'] = round(finetune['metrics']['train_seconds'], 1)
+        vae_pth = finetuned
+    payload_extra = _vae_extra(vae_pth)
+    held_out = _held_out_psnr(vae_pth, cfg.num_frames, cfg.height, cfg.width)
+    payload_extra['metrics'] = dict(payload_extra.get('metrics', {}), held_out_recon_psnr=held_out)
+    vae = TinyWanVAE.load(vae_pth)
+    vae.save_safetensors(osp.join(out, DEMO_ASSET_FILES['vae']), extra=payload_extra)
+    TinyTextEncoder.load(osp.join(work_dir, 'codecs', 'tiny_text_encoder.pth')).save_safetensors(
+        osp.join(out, DEMO_ASSET_FILES['text_encoder']))
+    teacher_state = read_state_dict(osp.join(work_dir, 'teacher', 'final_model.pth'), 'teacher final_model.pth')
+    score = {k[len('score.'):]: v for k, v in teacher_state.items() if k.startswith('score.')}
+    if not score:
+        raise ValueError(f'{work_dir}/teacher/final_model.pth: no score.* weights')
+    teacher_cfg = cfg.stages.teacher.runner.model.score.to_dict()
+    save_safetensors(score, osp.join(out, DEMO_ASSET_FILES['teacher']),
+                     metadata=dict(kind='WanVACEScore', config=json.dumps(teacher_cfg)))
+
+    import diffsynth
+    import torch
+    files = {}
+    for name in DEMO_ASSET_FILES.values():
+        path = osp.join(out, name)
+        files[name] = dict(sha256=file_sha256(path), bytes=osp.getsize(path))
+    manifest = dict(
+        command='python -m vdot_ext.tools.make_demo_assets ' + ' '.join(sys.argv[1:] if argv is None else argv),
+        config=args.config, options=options, teacher_param_scheduler=schedule,
+        decoder_finetune=dict(steps=args.decoder_steps, lr=args.decoder_lr),
+        # this invocation (finished stages of an earlier one are reused); stage_seconds: each step's own run
+        wall_seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu_start, 1),
+        stage_seconds=stage_seconds, stage_seconds_total=round(sum(stage_seconds.values()), 1),
+        torch_num_threads=cfg.get('torch_num_threads'),
+        metrics=dict(codec=dict(held_out_recon_psnr=held_out, training=payload_extra['metrics'],
+                                decoder_finetune=payload_extra.get('decoder_finetune', {}).get('metrics')),
+                     teacher=_last_loss(work_dir)),
+        generator_version=GENERATOR_VERSION, dataset_version=DATASET_VERSION,
+        versions=dict(torch=torch.__version__, diffsynth=getattr(diffsynth, '__version__', 'unknown'),
+                      python=platform.python_version()),
+        made=time.strftime('%Y-%m-%d %H:%M:%S %Z'), files=files)
+    write_json(osp.join(out, DEMO_MANIFEST), manifest, indent=1)
+    print(f'demo assets in {out} ({manifest["wall_seconds"]} s wall, {manifest["cpu_seconds"]} s CPU); '
+          f'codec held-out PSNR {held_out:.2f} dB. Pin in configs/vdot_tiny.py:')
+    print('demo_asset_sha256 = dict(')
+    for key, name in DEMO_ASSET_FILES.items():
+        print(f"    {key}='{files[name]['sha256']}',")
+    print(')')
+    return manifest
+
+
+def _vae_extra(vae_pth: str) -> dict:
+    from vdot_ext.utils import safe_torch_load
+    payload = safe_torch_load(vae_pth, field='tiny VAE checkpoint')
+    return json.loads(json.dumps(payload.get('extra', {}), default=str))
+
+
+def _last_loss(work_dir: str) -> dict:
+    """The teacher's flow-matching loss over its last logged iterations (from the stage's scalars)."""
+    from glob import glob
+    paths = sorted(glob(osp.join(work_dir, 'teacher', '*', 'vis_data', 'scalars.json')))
+    if not paths:
+        return {}
+    losses = []
+    with open(paths[-1]) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if 'loss_flow' in record:
+                losses.append((record.get('iter', record.get('step')), record['loss_flow']))
+    tail = losses[-20:]
+    return dict(loss_flow_last=sum(v for _, v in tail) / max(len(tail), 1), iterations=tail[-1][0] if tail else None)
+
+
+if __name__ == '__main__':
+    main()
