@@ -81,15 +81,22 @@ class Run:
 # ---------------------------------------------------------------------------
 # rows and configs
 # ---------------------------------------------------------------------------
+def find_in_checkout(relative: str, want_dir: bool = False) -> Optional[str]:
+    """``relative`` (a path from the repository root, e.g. ``configs/ablations``) in the source checkout, in the
+    installed package's ``.mim`` copy or under the current directory: the first that exists, else None."""
+    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    exists = osp.isdir if want_dir else osp.isfile
+    for path in (osp.join(osp.dirname(package), relative), osp.join(package, '.mim', relative),
+                 osp.abspath(relative)):
+        if exists(path):
+            return path
+    return None
+
+
 def default_row_folder() -> Optional[str]:
     """``configs/ablations`` of the source checkout, of the installed package (``.mim``) or of the
     current directory, the first that exists."""
-    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    for folder in (osp.join(osp.dirname(package), ROW_FOLDER), osp.join(package, '.mim', ROW_FOLDER),
-                   osp.abspath(ROW_FOLDER)):
-        if osp.isdir(folder):
-            return folder
-    return None
+    return find_in_checkout(ROW_FOLDER, want_dir=True)
 
 
 def available_rows(folder: str) -> List[str]:

@@ -51,11 +51,10 @@ DONE_FILE = 'stage_done.json'     # vdot_ext.engine.stages.DONE_FILE
 def default_config() -> str:
     """``configs/mogan/mogan_tiny.py`` of the source checkout, of the installed package (``.mim``) or of the
     current directory, the first that exists."""
-    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    for path in (osp.join(osp.dirname(package), DEFAULT_CONFIG), osp.join(package, '.mim', DEFAULT_CONFIG),
-                 osp.abspath(DEFAULT_CONFIG)):
-        if osp.isfile(path):
-            return path
+    from vdot_ext.tools.ablate import find_in_checkout
+    path = find_in_checkout(DEFAULT_CONFIG)
+    if path is not None:
+        return path
     raise FileNotFoundError(f'--config: no {DEFAULT_CONFIG} in the source checkout, the installed package or '
                             f'{os.getcwd()}; give the recipe path')
 
