@@ -24,7 +24,7 @@
 # stage-1 student is the warm-up MoGAN §4.2 asks for, so the motion GAN starts at once
 # (motion_gan_start_iter=0); dmd_only is the same model whose gate opens only after its last iteration.
 # CPU budget (1 thread): a motion update costs ~1 s (decode + Lucas–Kanade flow + D, forward and
-# backward), 6× a DMD cycle; post_cycles and the 2-chunk window keep these stages near 6 CPU minutes.
+# backward), 6× a DMD cycle; post_cycles and the 2-chunk window keep these stages near 5 CPU minutes.
 _base_ = ['../vdot_tiny.py']
 
 # the runtime's imports, plus MoGANDistiller, CheckpointInit, LatentVideoDiscriminator, WarmupGatedPlan
@@ -35,7 +35,7 @@ custom_imports = dict(
 
 # cycles of MoGAN's order per post-training run: (1) generator DMD, (2) fake score x 4,
 # (3) generator motion GAN, (4) motion discriminator
-post_cycles = 40
+post_cycles = 32
 vae_file = _base_.codec_dir + '/tiny_wan_vae.pth'
 stage1_weights = '{work_dir}/stage1/final_model.pth'
 prompt_file = '{work_dir}/motion_prompt/prompt_embedding.safetensors'
