@@ -17,21 +17,17 @@ The first DeepSpeed use on a clean machine JIT-compiles a small CPU op.
 import json
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from vdot_ext.engine.deepspeed_strategy import free_port
+
 HERE = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(HERE)
 STAGES = ('zero2', 'zero3')
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def run_worker(tmp_path, nproc, precision='fp32'):
@@ -45,7 +41,7 @@ def run_worker(tmp_path, nproc, precision='fp32'):
         cmd = [sys.executable, worker, str(out), precision]
     else:
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-               f'--master_port={_free_port()}', worker, str(out), precision]
+               f'--master_port={free_port()}', worker, str(out), precision]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, f'{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}'
     return [json.loads((tmp_path / f'results.json.rank{r}').read_text()) for r in range(nproc)]

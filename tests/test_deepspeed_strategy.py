@@ -11,12 +11,13 @@ import glob
 import json
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from vdot_ext.engine.deepspeed_strategy import free_port
 
 HERE = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(HERE)
@@ -25,11 +26,6 @@ from _deepspeed_worker import tiny_config  # noqa: E402
 
 TRAINABLE = ('generator.', 'fake_score.', 'discriminator.')
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def launch(jobs, tmp_path, nproc=1, timeout=420):
@@ -46,7 +42,7 @@ def launch(jobs, tmp_path, nproc=1, timeout=420):
         cmd = [sys.executable, worker, str(jobs_file)]
     else:
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-               f'--master_port={_free_port()}', worker, str(jobs_file)]
+               f'--master_port={free_port()}', worker, str(jobs_file)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:

@@ -4,7 +4,6 @@ generator EMA (mmengine's ``momentum``, rebuilt by hand as in mmengine's
 ``test_averaged_model``; saved, resumed and selectable for export)."""
 import json
 import os
-import socket
 import warnings
 
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from mmengine.hooks import Hook
 from test_resume import CrashHook, build
 
+from vdot_ext.engine.deepspeed_strategy import free_port
 from vdot_ext.engine.ema import GeneratorEMAHook, ema_file_name, ema_generator_state_dict
 from vdot_ext.engine.hooks import LossCurveHook, read_loss_curves
 from vdot_ext.utils import NonFiniteError, load_tensor_file, safe_torch_load, save_torch
@@ -76,15 +76,10 @@ def _write_on_every_rank(rank, world, port, folder):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.timeout(120)
 def test_only_rank_0_writes_the_plot(tmp_path):
-    mp.start_processes(_write_on_every_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_write_on_every_rank, args=(2, free_port(), str(tmp_path)), nprocs=2,
                        start_method='fork')
     assert (tmp_path / 'rank0' / 'loss_curve.png').is_file()
     assert not (tmp_path / 'rank1').exists()

@@ -33,13 +33,14 @@ import json
 import os
 import os.path as osp
 import shlex
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+
+from vdot_ext.engine.deepspeed_strategy import free_port
 
 HERE = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(HERE)
@@ -64,11 +65,6 @@ PROMPTS = ('a red ball rolls on green grass', 'the cat jumps over blue box', 'do
            'sunset sky bright colourful scene')
 VCU_TASKS = ('t2v', 'grey', 'outpaint', 'extension')
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def write_assets(root: str, t2v_name: str = 'Wan2.1-T2V-14B', vace_name: str = 'Wan2.1-VACE-14B') -> dict:
@@ -113,7 +109,7 @@ class Commands:
             env.pop(key, None)
         if nproc > 1:
             cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-                   f'--master_port={_free_port()}', '-m'] + list(argv)
+                   f'--master_port={free_port()}', '-m'] + list(argv)
         else:
             cmd = [sys.executable, '-m'] + list(argv)
         self.commands[name] = ' '.join(shlex.quote(c) for c in cmd)

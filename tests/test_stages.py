@@ -5,7 +5,6 @@ import json
 import os
 import os.path as osp
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from mmengine.hooks import Hook
 
 from vdot_ext.engine.compat import install_safe_checkpoint_loader
 from vdot_ext.engine.config_checks import ConfigCheckError, check_required_fields
+from vdot_ext.engine.deepspeed_strategy import free_port
 from vdot_ext.engine.hooks import read_loss_curves
 from vdot_ext.engine.stages import (
     DONE_FILE,
@@ -244,12 +244,6 @@ def note_rank_for_test(work_dir, value):
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 WORKER = '''
 import sys
 from vdot_ext.tools.train import main
@@ -280,7 +274,7 @@ def test_two_processes_only_rank0_runs_calls_and_writes_markers(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]), OMP_NUM_THREADS='1')
     work = tmp_path / 'work'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-           f'--master_port={_free_port()}', str(tmp_path / 'worker.py'), str(tmp_path / 'recipe.py'),
+           f'--master_port={free_port()}', str(tmp_path / 'worker.py'), str(tmp_path / 'recipe.py'),
            '--work-dir', str(work), '--launcher', 'pytorch']
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -329,7 +323,7 @@ def test_two_processes_train_a_deepspeed_stage_and_rank0_writes_its_outputs(tmp_
                PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT, osp.join(ROOT, 'tests')]))
     work = tmp_path / 'work'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-           f'--master_port={_free_port()}', '-m', 'vdot_ext.tools.train', str(tmp_path / 'recipe.py'),
+           f'--master_port={free_port()}', '-m', 'vdot_ext.tools.train', str(tmp_path / 'recipe.py'),
            '--work-dir', str(work), '--launcher', 'pytorch']
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

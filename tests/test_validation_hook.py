@@ -9,7 +9,6 @@
 import json
 import os
 import os.path as osp
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmengine.runner import Runner
 
+from vdot_ext.engine.deepspeed_strategy import free_port
 from vdot_ext.engine.validation_hook import METRICS_FILE, ValidationHook, held_out_indices, read_validation_history
 
 TASKS = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
@@ -185,15 +185,10 @@ def _validate_on_rank(rank, world, port, folder, codecs):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.timeout(300)
 def test_only_rank_0_validates_and_writes(tmp_path, codecs):
-    mp.start_processes(_validate_on_rank, args=(2, _free_port(), str(tmp_path), codecs), nprocs=2,
+    mp.start_processes(_validate_on_rank, args=(2, free_port(), str(tmp_path), codecs), nprocs=2,
                        start_method='fork')
     assert (tmp_path / 'rank0' / 'validation' / 'iter_3' / METRICS_FILE).is_file()
     assert not (tmp_path / 'rank1' / 'validation').exists()
