@@ -488,6 +488,7 @@ def _two_rank_resume(rank, world, port, root):
 @pytest.mark.timeout(300)
 def test_each_rank_resumes_its_own_rng_streams(tmp_path):
     import torch.multiprocessing as mp
+
     from vdot_ext.engine.deepspeed_strategy import free_port
     mp.start_processes(_two_rank_resume, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method='fork')
     got = [torch.load(tmp_path / f'rng_rank{r}.pt', weights_only=True) for r in range(2)]
