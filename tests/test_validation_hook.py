@@ -108,7 +108,7 @@ def test_hook_writes_validations_and_leaves_training_bit_identical(tmp_path, cod
         assert set(summary['metrics']) == set(TASKS)
         assert 'kept_psnr' in summary['metrics']['mv2v_outpaint']
         assert 'luma_psnr' in summary['metrics']['v2v_gray']
-        assert 'ref_colour_presence' in summary['metrics']['r2v']
+        assert 'ref_colour_recall' in summary['metrics']['r2v']
         assert len(list(folder.glob('*.mp4'))) == len(TASKS)
         assert (folder / 'frames.png').stat().st_size > 0
     assert not list((work / 'validation').glob('.*')), 'temporary folders left behind'
