@@ -42,12 +42,16 @@ from_scratch = demo_assets.lower() == 'none'
 # SHA-256 of the shipped files, as make_demo_assets prints them; another folder is checked
 # against its own manifest.json (None)
 demo_asset_sha256 = dict(
-    vae='cb66dc5ae5c7dbe68715e3673657479738e36ef8e00746397ef763119808932c',
-    text_encoder='2687dabd904888447d1c0e87717a2a76c2b37c145d1f24b5c369a666bcd99bbc',
-    teacher='db3ca47569e11ec3d80acb98e37cd6679a1fcbce5fdf2fe0901dbddecb3f7e11',
+    vae='a682ab6a1bb427de49ef3372f1e1491cdb635fb22d2eb0d25e183f19180cade3',
+    text_encoder='1d19ac565752d1d9902f0e6d7386bca71fef45bf2c8aa1a8bc157c38eb647c21',
+    teacher='9a2eb96b30e9ea28ff06a391ad4f88e86d0947c8f4e96949b369b91ccd2b9c79',
 ) if demo_assets == 'shipped' else dict(vae=None, text_encoder=None, teacher=None)
 
 num_frames, height, width = 17, 64, 64
+# the score networks (teacher, fake score, student) are the tiny Wan/VACE presets widened: a
+# token carries a 2×2 patch of 16 latent channels, 64 numbers, which the presets' 48 channels
+# cannot hold, so a 48-channel teacher cannot even copy its kept pixels (docs/DESIGN.md §8)
+score_arch = dict(dim=96, ffn_dim=192)
 tasks = ('t2v', 'r2v', 'v2v_gray', 'mv2v_outpaint')
 codec_dir = '{work_dir}/codecs'
 
@@ -91,7 +95,7 @@ teacher_guidance = 3.0
 # stage 2 (also used by the evaluation)
 stage2_model = dict(
     type='VDOTDistiller',
-    real_score=dict(type='WanVACEScore', preset='tiny-vace'),
+    real_score=dict(type='WanVACEScore', preset='tiny-vace', **score_arch),
     real_score_weights=dict(checkpoint=teacher_weights, prefix='score.'),
     # AccWanInit: the VACE teacher with its Wan blocks from the stage-1 student
     generator_init=dict(type='VACEAccWanInit',
@@ -120,7 +124,7 @@ stages = dict(
         pretrained_sha256=None if from_scratch else demo_asset_sha256)),
     teacher=dict(runner=dict(
         model=dict(type='FlowMatchingPretrainer',
-                   score=dict(type='WanVACEScore', preset='tiny-vace'),
+                   score=dict(type='WanVACEScore', preset='tiny-vace', **score_arch),
                    timestep_shift=3.0, text_drop_prob=0.1, vace_drop_prob=0.3,
                    pretrained=None if from_scratch else dict(
                        assets=demo_assets, sha256=demo_asset_sha256['teacher'])),
@@ -136,7 +140,7 @@ stages = dict(
         model=dict(
             type='VDOTDistiller',
             # Wan T2V teacher = the VACE teacher's DiT
-            real_score=dict(type='WanVACEScore', preset='tiny'),
+            real_score=dict(type='WanVACEScore', preset='tiny', **score_arch),
             real_score_weights=dict(checkpoint=teacher_weights, prefix='score.',
                                     ignore=['vace.']),
             dmd_loss={{_base_.dmd_loss}},

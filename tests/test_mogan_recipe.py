@@ -403,10 +403,11 @@ def _write_shared_stage_outputs(work):
     TinyTextEncoder(vocabulary=caption_vocabulary(), max_length=16, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
                     num_layers=2, num_buckets=32, seed=0).save(osp.join(work, 'codecs', 'tiny_text_encoder.pth'))
     torch.manual_seed(0)
-    teacher = WanVACEScore('tiny-vace').state_dict()
+    arch = Config.fromfile(TINY).score_arch  # the recipe's score architecture (the demo's)
+    teacher = WanVACEScore('tiny-vace', **arch).state_dict()
     torch.save({'state_dict': {f'score.{k}': v for k, v in teacher.items()}},
                osp.join(work, 'teacher', 'final_model.pth'))
-    student = WanVACEScore('tiny').state_dict()
+    student = WanVACEScore('tiny', **arch).state_dict()
     torch.save({'state_dict': {f'{role}.{k}': v for role in ('generator', 'fake_score') for k, v in student.items()}},
                osp.join(work, 'stage1', 'final_model.pth'))
 

@@ -44,7 +44,7 @@ t2v_videos = dict(_base_.train_videos, tasks=('t2v', ), with_vace_context=False)
 mogan_model = dict(
     type='MoGANDistiller',
     # the T2V teacher = the VACE teacher's DiT (as stage 1)
-    real_score=dict(type='WanVACEScore', preset='tiny'),
+    real_score=dict(type='WanVACEScore', preset='tiny', **_base_.score_arch),
     real_score_weights=dict(checkpoint=_base_.teacher_weights, prefix='score.', ignore=['vace.']),
     # post-training starts from the stage-1 DMD student and its fake score
     generator_init=dict(type='CheckpointInit', checkpoint=stage1_weights, prefix='generator.'),

@@ -541,6 +541,7 @@ def prepare_tiny_codecs(work_dir: str,
                         vae_batch_size: int = 2,
                         vae_clip_frames: Optional[int] = None,
                         vae_crop_size: Optional[int] = 32,
+                        vae_device: Optional[str] = None,
                         vae_cfg: Optional[dict] = None,
                         text_cfg: Optional[dict] = None,
                         pretrained: Optional[str] = None,
@@ -568,6 +569,8 @@ def prepare_tiny_codecs(work_dir: str,
     (``vae_clip_frames`` = ``num_frames`` by default: shorter clips never train
     the causal cache's steady state and later frames come out much worse) and
     32×32 crops (4× cheaper than 64×64; the VAE is convolutional).
+    ``vae_device`` runs its training steps there (default: the CPU; see
+    ``train_tiny_vae``); it is not part of the recipe a rerun compares.
 
     Returns ``dict(vae_checkpoint, text_encoder_checkpoint, text_dim, metrics)``.
     """
@@ -608,7 +611,7 @@ def prepare_tiny_codecs(work_dir: str,
         eval_videos = render_training_videos(8, num_frames, height, width, seed + 2_000_003)
         result = train_tiny_vae(vae, videos, steps=vae_steps, lr=vae_lr, batch_size=vae_batch_size,
                                 clip_frames=vae_clip_frames, crop_size=vae_crop_size,
-                                eval_videos=eval_videos, seed=seed,
+                                eval_videos=eval_videos, seed=seed, device=vae_device,
                                 logger=logger, log_every=max(vae_steps // 6, 1))
         vae.save(vae_path, extra=dict(prepare_config=prepare_config, metrics=result))
         metrics['vae'] = result

@@ -435,7 +435,8 @@ def train_tiny_vae(vae: TinyWanVAE,
                    eval_videos: Optional[torch.Tensor] = None,
                    seed: int = 0,
                    calibrate: bool = True,
-                   decoder_only: bool = False) -> Dict[str, float]:
+                   decoder_only: bool = False,
+                   device: Optional[Union[str, torch.device]] = None) -> Dict[str, float]:
     """Train the tiny VAE as an autoencoder; returns metrics.
 
     Loss: ``mean((D(E(x)) − x)²) + latent_l2·mean(μ²)`` on random
@@ -456,8 +457,14 @@ def train_tiny_vae(vae: TinyWanVAE,
     while decoded videos get better (the demo assets fine-tune the codec's
     decoder after the teacher has been trained on its latents).
 
+    ``device``: where the training steps run (default: the CPU, like
+    ``WanVideoVAE``'s own ``encode``/``decode``); the model is back on the CPU
+    afterwards, where the PSNRs and the latent calibration are computed. The
+    draws of crops, clips and flips come from a CPU generator, so they are the
+    same on any device.
+
     Returns ``dict(final_recon_psnr, initial_recon_psnr, first_loss, last_loss,
-    train_seconds, steps)``; PSNRs are measured through ``encode``/``decode`` on
+    train_seconds, steps, device)``; PSNRs are measured through ``encode``/``decode`` on
     the full-length ``eval_videos`` (default: up to 8 training videos).
     """
     logger = logger or _default_logger()
@@ -490,8 +497,15 @@ def train_tiny_vae(vae: TinyWanVAE,
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     losses: List[float] = []
+    device = torch.device('cpu' if device is None else device)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
+        train_pool = pool
+        if device.type != 'cpu':
+            model.to(device)
+            train_pool = pool.to(device)
+            # WanVideoVAE keeps its latent mean/std as plain tensors, not buffers
+            vae.wan_vae.scale = [vae.latent_mean.to(device), (1.0 / vae.latent_std).to(device)]
         model.train().requires_grad_(not decoder_only)
         for p in params:
             p.requires_grad_(True)
@@ -499,15 +513,15 @@ def train_tiny_vae(vae: TinyWanVAE,
             model.encoder.eval()
             model.conv1.eval()
         for step in range(steps):
-            idx = torch.randint(0, pool.shape[0], (batch_size, ), generator=generator)
+            idx = torch.randint(0, pool.shape[0], (batch_size, ), generator=generator).to(device)
             t0 = int(torch.randint(0, pool.shape[2] - clip_frames + 1, (1, ), generator=generator))
-            clip = pool[idx, :, t0:t0 + clip_frames]
+            clip = train_pool[idx, :, t0:t0 + clip_frames]
             if crop_size is not None:
                 y0 = int(torch.randint(0, pool.shape[3] - crop_size + 1, (1, ), generator=generator)) // 8 * 8
                 x0 = int(torch.randint(0, pool.shape[4] - crop_size + 1, (1, ), generator=generator)) // 8 * 8
                 clip = clip[..., y0:y0 + crop_size, x0:x0 + crop_size]
             # random horizontal flips: cheap augmentation for a tiny data pool
-            flip = torch.rand(batch_size, generator=generator) < 0.5
+            flip = (torch.rand(batch_size, generator=generator) < 0.5).to(device)
             clip = torch.where(flip.view(-1, 1, 1, 1, 1), clip.flip(-1), clip)
             with torch.enable_grad():
                 if decoder_only:
@@ -531,6 +545,9 @@ def train_tiny_vae(vae: TinyWanVAE,
     finally:
         vae.freeze()
         model.clear_cache()  # drop the autograd graph held by the causal cache
+        if device.type != 'cpu':
+            model.to('cpu')
+            vae.set_latent_scale(vae.latent_mean.cpu(), vae.latent_std.cpu())
     train_seconds = time.perf_counter() - start
     if calibrate:
         vae.calibrate_latent_scale(pool)
@@ -540,7 +557,7 @@ def train_tiny_vae(vae: TinyWanVAE,
     return dict(final_recon_psnr=final_psnr, initial_recon_psnr=initial_psnr,
                 first_loss=losses[0] if losses else float('nan'),
                 last_loss=losses[-1] if losses else float('nan'),
-                train_seconds=train_seconds, steps=steps)
+                train_seconds=train_seconds, steps=steps, device=str(device))
 
 
 # ---------------------------------------------------------------------------

@@ -60,6 +60,14 @@ def parse_args(argv=None):
     parser.add_argument('--decoder-lr', type=float, default=DECODER_LR, help='its peak learning rate')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, metavar='KEY=VALUE',
                         help='override ASSET_OPTIONS or other config entries')
+    parser.add_argument('--device', default='cpu',
+                        help='where the codec\'s training steps run (e.g. cuda); the teacher stage runs where '
+                             'mmengine\'s runner puts it (CUDA when available)')
+    parser.add_argument('--check-samples', type=int, default=12,
+                        help='held-out VCUs per task on which the teacher\'s condition fidelity is measured '
+                             '(recorded in the manifest; 0: skip)')
+    parser.add_argument('--note', default=None,
+                        help='text kept in manifest.json, e.g. where reused stages of the work dir ran')
     return parser.parse_args(argv)
 
 
@@ -71,7 +79,8 @@ def _held_out_psnr(vae_path: str, num_frames: int, height: int, width: int, coun
     return recon_psnr(TinyWanVAE.load(vae_path), videos)
 
 
-def _finetune_decoder(vae_pth: str, out_pth: str, cfg, options: dict, steps: int, lr: float) -> dict:
+def _finetune_decoder(vae_pth: str, out_pth: str, cfg, options: dict, steps: int, lr: float,
+                      device: str = 'cpu') -> dict:
     """``train_tiny_vae(decoder_only=True)`` on the codec stage's training videos; cached in ``out_pth``."""
     from mmengine.logging import MMLogger
 
@@ -94,7 +103,7 @@ def _finetune_decoder(vae_pth: str, out_pth: str, cfg, options: dict, steps: int
     result = train_tiny_vae(vae, videos, steps=steps, lr=lr, batch_size=recipe['batch_size'],
                             crop_size=recipe['crop_size'], eval_videos=eval_videos, seed=seed + 1,
                             logger=MMLogger.get_current_instance(), log_every=max(steps // 6, 1),
-                            decoder_only=True)
+                            decoder_only=True, device=device)
     finetune = dict(recipe=recipe, metrics=result)
     source_extra = safe_torch_load(vae_pth, field='tiny VAE checkpoint').get('extra', {})
     vae.save(out_pth, extra=dict(source_extra, decoder_finetune=finetune))
@@ -116,9 +125,14 @@ def main(argv=None):
     out = osp.abspath(args.out)
     work_dir = osp.abspath(args.work_dir or osp.join('work_dirs', 'demo_assets'))
     options = dict(ASSET_OPTIONS, **args.cfg_options)
+    if args.device != 'cpu':
+        options['stages.codecs.call.vae_device'] = args.device
     cfg = Config.fromfile(args.config)
+    cfg.merge_from_dict(options)  # what the stages run: the manifest and the teacher's metadata describe it
     max_iters = options['stages.teacher.runner.train_cfg.max_iters']
-    schedule = [dict(s, end=max_iters) if s['end'] is None else s for s in TEACHER_SCHEDULE]
+    # warm-up: 300 iterations, or a tenth of a shorter run
+    warmup = min(TEACHER_SCHEDULE[0]['end'], max(1, int(max_iters) // 10))
+    schedule = [dict(TEACHER_SCHEDULE[0], end=warmup), dict(TEACHER_SCHEDULE[1], begin=warmup, end=int(max_iters))]
     # the options file keeps the schedule (a list) out of the command line
     options_file = osp.join(work_dir, 'asset_options.py')
     os.makedirs(work_dir, exist_ok=True)
@@ -137,7 +151,8 @@ def main(argv=None):
     vae_pth = osp.join(work_dir, 'codecs', 'tiny_wan_vae.pth')
     if args.decoder_steps > 0:
         finetuned = osp.join(work_dir, 'codec_decoder', 'tiny_wan_vae.pth')
-        finetune = _finetune_decoder(vae_pth, finetuned, cfg, options, args.decoder_steps, args.decoder_lr)
+        finetune = _finetune_decoder(vae_pth, finetuned, cfg, options, args.decoder_steps, args.decoder_lr,
+                                     args.device)
         stage_seconds['decoder_finetune'] = round(finetune['metrics']['train_seconds'], 1)
         vae_pth = finetuned
     payload_extra = _vae_extra(vae_pth)
@@ -155,6 +170,13 @@ def main(argv=None):
     save_safetensors(score, osp.join(out, DEMO_ASSET_FILES['teacher']),
                      metadata=dict(kind='WanVACEScore', config=json.dumps(teacher_cfg)))
 
+    teacher_check = None
+    if args.check_samples > 0:
+        teacher_check = teacher_fidelity(cfg, work_dir, osp.join(out, DEMO_ASSET_FILES['vae']),
+                                         osp.join(out, DEMO_ASSET_FILES['teacher']), args.check_samples,
+                                         device=args.device)
+        write_json(osp.join(work_dir, 'teacher_check.json'), teacher_check, indent=1)
+
     import diffsynth
     import torch
     files = {}
@@ -171,11 +193,11 @@ def main(argv=None):
         torch_num_threads=cfg.get('torch_num_threads'),
         metrics=dict(codec=dict(held_out_recon_psnr=held_out, training=payload_extra['metrics'],
                                 decoder_finetune=payload_extra.get('decoder_finetune', {}).get('metrics')),
-                     teacher=_last_loss(work_dir)),
+                     teacher=dict(_last_loss(work_dir), condition_fidelity=teacher_check)),
         generator_version=GENERATOR_VERSION, dataset_version=DATASET_VERSION,
         versions=dict(torch=torch.__version__, diffsynth=getattr(diffsynth, '__version__', 'unknown'),
                       python=platform.python_version()),
-        made=time.strftime('%Y-%m-%d %H:%M:%S %Z'), files=files)
+        made=time.strftime('%Y-%m-%d %H:%M:%S %Z'), note=args.note, files=files)
     write_json(osp.join(out, DEMO_MANIFEST), manifest, indent=1)
     print(f'demo assets in {out} ({manifest["wall_seconds"]} s wall, {manifest["cpu_seconds"]} s CPU); '
           f'codec held-out PSNR {held_out:.2f} dB. Pin in configs/vdot_tiny.py:')
@@ -184,6 +206,58 @@ def main(argv=None):
         print(f"    {key}='{files[name]['sha256']}',")
     print(')')
     return manifest
+
+
+def teacher_fidelity(cfg, work_dir: str, vae_asset: str, teacher_asset: str, samples_per_task: int,
+                     steps=(40, 4), device: str = 'cpu') -> dict:
+    """The teacher's condition fidelity before any distillation: the demo evaluation's held-out VCUs
+    (its dataset, first ``samples_per_task`` of each task), the same seeded noise per sample
+    (``validation_hook.sample_noise``), Euler with the demo's CFG at each of ``steps``; rows ``codec``
+    (the real latents decoded) and ``teacher@<steps>``, mean ± SE per task metric."""
+    import torch
+
+    from vdot_ext.engine.evaluate_demo import mean_se
+    from vdot_ext.engine.stages import WORK_DIR_TOKEN, substitute
+    from vdot_ext.engine.validation_hook import decode, held_out_indices, sample_noise
+    from vdot_ext.evaluation.condition_fidelity import condition_fidelity
+    from vdot_ext.models.samplers import euler_sample
+    from vdot_ext.models.tiny_codecs import TinyWanVAE
+    from vdot_ext.models.weights import load_weights
+    from vdot_ext.registry import DATASETS, MODELS
+    call = cfg.stages.evaluate.call
+    dataset = substitute(call.dataset.to_dict(), WORK_DIR_TOKEN, work_dir)
+    data = DATASETS.build(dataset)
+    vae = TinyWanVAE.load_safetensors(vae_asset)
+    score = MODELS.build(cfg.stages.teacher.runner.model.score.to_dict())
+    load_weights(score, teacher_asset, field='make_demo_assets teacher')
+    score.to(device).eval()
+    model = cfg.stage2_model
+    if model.get('uncond', 'zeros') != 'zeros':
+        raise ValueError(f'{cfg.filename}: stage2_model.uncond={model.uncond!r}; the teacher check builds the '
+                         "zero-text unconditional branch of the demo teacher (uncond='zeros')")
+    seed = int(call.get('seed', 1234))  # evaluate_vdot's default noise seed
+    values = {}
+    start = time.time()
+    with torch.no_grad():
+        for task, index in held_out_indices(data, samples_per_task):
+            item, pixels = data[index], data.get_pixels(index)
+            noise = sample_noise((1, ) + tuple(item['latents'].shape), seed, index).to(device)
+            context = item['context'][None].to(device)
+            vace = item.get('vace_context')
+            vace = None if vace is None else vace[None].to(device)
+            latents = {'codec': item['latents'][None].float()}
+            for n in steps:
+                latents[f'teacher@{n}'] = euler_sample(
+                    score, noise, context, vace, n, float(call.get('teacher_shift', 5.0)),
+                    float(model.guidance_scale), torch.zeros_like(context)).cpu()
+            n_ref = int(item.get('num_ref', 0))
+            for row, lat in latents.items():
+                for metric, value in condition_fidelity(task, decode(vae, lat, n_ref), pixels).items():
+                    values.setdefault(task, {}).setdefault(metric, {}).setdefault(row, []).append(float(value))
+    return dict(samples_per_task=samples_per_task, steps=list(steps), guidance=float(model.guidance_scale),
+                seconds=round(time.time() - start, 1), device=str(device),
+                stats={task: {metric: {row: mean_se(v) for row, v in rows.items()}
+                              for metric, rows in metrics.items()} for task, metrics in values.items()})
 
 
 def _vae_extra(vae_pth: str) -> dict:
