@@ -1,4 +1,5 @@
-# The tiny two-stage VDOT demo, end to end on CPU (2 idle cores, about 5–8 minutes):
+# The tiny two-stage VDOT demo, end to end on CPU (about 11 minutes on 2 idle cores: 654 CPU-s at
+# one thread, benchmarks/RESULTS.md):
 #
 #   codecs   the tiny Wan VAE and umT5 text encoder: the shipped pretrained ones (default)
 #            or trained here (from scratch, below)
@@ -20,14 +21,15 @@
 # assets shipped in vdot_ext/demo_assets (safetensors, made by
 # `python -m vdot_ext.tools.make_demo_assets --out vdot_ext/demo_assets`, which runs this
 # config's codecs and teacher stages from scratch with the longer settings it records in
-# vdot_ext/demo_assets/manifest.json). Each file is checked against its SHA-256 pinned below
-# (demo_asset_sha256) and loaded by the real loaders (TinyWanVAE / TinyTextEncoder, and
-# load_weights into WanVACEScore). The environment variable VDOT_DEMO_ASSETS chooses:
+# vdot_ext/demo_assets/manifest.json; the shipped ones were made on a GPU with --device
+# cuda). Each file is checked against its SHA-256 pinned below (demo_asset_sha256) and
+# loaded by the real loaders (TinyWanVAE / TinyTextEncoder, and load_weights into
+# WanVACEScore). The environment variable VDOT_DEMO_ASSETS chooses:
 #   unset or 'shipped'   the package's vdot_ext/demo_assets
 #   a folder             assets made by make_demo_assets --out <folder> (checked against
 #                        <folder>/manifest.json)
-#   'none'               from scratch: train the codecs and the teacher here (about 8 more
-#                        minutes on 2 idle cores; the codec and teacher are then much weaker)
+#   'none'               from scratch: train the codecs and the teacher here with the short
+#                        settings below (the codec and teacher are then much weaker)
 #   VDOT_DEMO_ASSETS=none mim train vdot_ext configs/vdot_tiny.py --work-dir work_dirs/vdot_tiny_scratch
 #
 # '{work_dir}' in a stage is replaced by the recipe's work dir.

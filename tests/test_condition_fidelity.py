@@ -192,33 +192,29 @@ def _codec_like(video):
 R2V_INDICES, T2V_INDICES = range(2, 10), range(3, 11)
 
 
-def test_r2v_reference_colour_recall_on_rendered_samples():
+def _variant_means(task, metric, indices):
+    """Mean of ``metric`` over rendered samples for the real video and five variants of it."""
     values = {'real': [], 'codec_like': [], 'blur': [], 'grey': [], 'wrong': [], 'noise': []}
-    for index in R2V_INDICES:
-        p = _pixels('r2v', index=index, size=DEMO_SIZE)
+    for index in indices:
+        p = _pixels(task, index=index, size=DEMO_SIZE)
         g = torch.Generator().manual_seed(index)
         videos = dict(real=p['video'], codec_like=_codec_like(p['video']), blur=_blur(p['video']),
                       grey=torch.zeros_like(p['video']), wrong=_recoloured(p['scene']),
                       noise=torch.rand(p['video'].shape, generator=g) * 2 - 1)
         for name, video in videos.items():
-            values[name].append(condition_fidelity('r2v', video, p)['ref_colour_recall'])
-    mean = {name: sum(v) / len(v) for name, v in values.items()}
+            values[name].append(condition_fidelity(task, video, p)[metric])
+    return {name: sum(v) / len(v) for name, v in values.items()}
+
+
+def test_r2v_reference_colour_recall_on_rendered_samples():
+    mean = _variant_means('r2v', 'ref_colour_recall', R2V_INDICES)
     assert mean['real'] > 0.95  # the real video shows the referenced object in every frame
     assert mean['codec_like'] > 0.85 * mean['real'] and mean['blur'] > 0.85 * mean['real'], mean
     assert mean['grey'] == 0.0 and mean['wrong'] < 0.05 and mean['noise'] < 0.05, mean
 
 
 def test_t2v_caption_colour_share_on_rendered_samples():
-    values = {'real': [], 'codec_like': [], 'blur': [], 'grey': [], 'wrong': [], 'noise': []}
-    for index in T2V_INDICES:
-        p = _pixels('t2v', index=index, size=DEMO_SIZE)
-        g = torch.Generator().manual_seed(index)
-        videos = dict(real=p['video'], codec_like=_codec_like(p['video']), blur=_blur(p['video']),
-                      grey=torch.zeros_like(p['video']), wrong=_recoloured(p['scene']),
-                      noise=torch.rand(p['video'].shape, generator=g) * 2 - 1)
-        for name, video in videos.items():
-            values[name].append(condition_fidelity('t2v', video, p)['caption_colour_share'])
-    mean = {name: sum(v) / len(v) for name, v in values.items()}
+    mean = _variant_means('t2v', 'caption_colour_share', T2V_INDICES)
     assert mean['real'] > 0.03
     # (measured: codec-like −11 %, blur +21 %: a blurred texture's dark half, below the scale floor
     # in the real video, becomes countable mid-tones)
