@@ -1,5 +1,5 @@
-# The tiny two-stage VDOT demo, end to end on CPU (about 11 minutes on 2 idle cores: 654 CPU-s at
-# one thread, benchmarks/RESULTS.md):
+# The tiny two-stage VDOT demo, end to end on CPU (10 min 17 s on 2 idle cores,
+# benchmarks/RESULTS.md):
 #
 #   codecs   the tiny Wan VAE and umT5 text encoder: the shipped pretrained ones (default)
 #            or trained here (from scratch, below)

@@ -27,6 +27,11 @@
 # backward), 6× a DMD cycle; post_cycles and the 2-chunk window keep these stages near 5 CPU minutes.
 _base_ = ['../vdot_tiny.py']
 
+# two intra-op threads: the motion updates decode videos through the VAE (convolutions), which use
+# the second core; measured on 2 idle cores, the `mogan` stage takes 59 s instead of 81 s, while the
+# demo's stage 1 gains nothing (26 s either way for 300 iterations; benchmarks/RESULTS.md)
+torch_num_threads = 2
+
 # the runtime's imports, plus MoGANDistiller, CheckpointInit, LatentVideoDiscriminator, WarmupGatedPlan
 # and the recipe's call stages
 custom_imports = dict(
