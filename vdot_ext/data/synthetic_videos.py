@@ -570,7 +570,8 @@ def prepare_tiny_codecs(work_dir: str,
     the causal cache's steady state and later frames come out much worse) and
     32×32 crops (4× cheaper than 64×64; the VAE is convolutional).
     ``vae_device`` runs its training steps there (default: the CPU; see
-    ``train_tiny_vae``); it is not part of the recipe a rerun compares.
+    ``train_tiny_vae``). It is not part of the VAE's recipe (``prepare_config``),
+    so a VAE trained on a GPU is reused by a call that names another device.
 
     Returns ``dict(vae_checkpoint, text_encoder_checkpoint, text_dim, metrics)``.
     """
