@@ -187,3 +187,11 @@ def test_teacher_fidelity_measures_the_assets_on_held_out_vcus(tmp_path):
     assert set(kept) == {'codec', 'teacher@3', 'teacher@1'} and kept['codec']['n'] == 2
     assert kept['teacher@3']['mean'] != kept['codec']['mean']  # an untrained teacher does not copy
     assert result['steps'] == [3, 1] and result['guidance'] == cfg.stage2_model.guidance_scale
+    assert result['shift'] == 5.0  # evaluate_vdot's default teacher shift: the check samples as the evaluation does
+    # the evaluation stage's own settings reach the check: another shift moves the teacher rows, not the codec's
+    cfg.merge_from_dict({'stages.evaluate.call.teacher_shift': 2.0})
+    shifted = teacher_fidelity(cfg, work, osp.join(folder, DEMO_ASSET_FILES['vae']),
+                               osp.join(folder, DEMO_ASSET_FILES['teacher']), samples_per_task=2, steps=(3, 1))
+    kept2 = shifted['stats']['mv2v_outpaint']['kept_psnr']
+    assert shifted['shift'] == 2.0 and kept2['codec'] == kept['codec']
+    assert kept2['teacher@3']['mean'] != kept['teacher@3']['mean']

@@ -17,6 +17,7 @@ Each metric is reported as mean ± standard error over the task's samples
 (SE = s/√n, s the sample standard deviation); student − teacher differences
 are paired per sample (same noise, same VCU) and reported the same way.
 """
+import inspect
 import math
 import os
 import os.path as osp
@@ -75,6 +76,16 @@ def metrics_table(summary: dict) -> str:
                       for a, b in PAIRS[:2]]
             lines.append(f'| {task} | {metric} | {n} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def evaluation_settings(call) -> dict:
+    """The arguments ``evaluate_vdot`` runs with for a stage ``call``: the call's values over the
+    function's defaults. The tools that repeat part of the evaluation (``ablate``'s quality-vs-steps
+    curves, ``make_demo_assets``' teacher check) read noise seed, shift and sample count from here, so
+    they cannot drift from it."""
+    defaults = {k: p.default for k, p in inspect.signature(evaluate_vdot).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return dict(defaults, **{k: v for k, v in dict(call).items() if k != 'type'})
 
 
 @FUNCTIONS.register_module()

@@ -305,7 +305,7 @@ def quality_vs_steps(run: Run, root: str, student_steps: Sequence[int], teacher_
     ``teacher_steps`` (cached: ``<run>/quality_vs_steps.json``, ``<root>/teacher_curves/<key>.json``)."""
     import torch
 
-    from vdot_ext.engine.evaluate_demo import evaluate_vdot
+    from vdot_ext.engine.evaluate_demo import evaluation_settings
     from vdot_ext.engine.validation_hook import (
         decode,
         held_out_indices,
@@ -331,10 +331,10 @@ def quality_vs_steps(run: Run, root: str, student_steps: Sequence[int], teacher_
         if key not in call:
             raise ValueError(f'{run.config_path}: stages.{eval_stage}.call has no {key!r}; quality vs steps '
                              'reads the evaluation stage of the demo (evaluate_vdot)')
-    eval_defaults = {k: p.default for k, p in inspect.signature(evaluate_vdot).parameters.items()}
-    samples_per_task = int(call.get('samples_per_task', eval_defaults['samples_per_task']))
-    seed = int(call.get('seed', eval_defaults['seed']))
-    teacher_shift = float(call.get('teacher_shift', eval_defaults['teacher_shift']))
+    settings = evaluation_settings(call)
+    samples_per_task = int(settings['samples_per_task'])
+    seed = int(settings['seed'])
+    teacher_shift = float(settings['teacher_shift'])
     model_cfg = call['model']
     model_cls = MODELS.get(model_cfg['type'])
     generator_shift = float(model_cfg.get('generator_shift',

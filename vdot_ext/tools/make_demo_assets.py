@@ -61,8 +61,8 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={}, metavar='KEY=VALUE',
                         help='override ASSET_OPTIONS or other config entries')
     parser.add_argument('--device', default='cpu',
-                        help='where the codec\'s training steps run (e.g. cuda); the teacher stage runs where '
-                             'mmengine\'s runner puts it (CUDA when available)')
+                        help='where the codec\'s training steps and the teacher check run (e.g. cuda); the '
+                             'teacher stage runs where mmengine\'s runner puts it (CUDA when available)')
     parser.add_argument('--check-samples', type=int, default=12,
                         help='held-out VCUs per task on which the teacher\'s condition fidelity is measured '
                              '(recorded in the manifest; 0: skip)')
@@ -216,7 +216,7 @@ def teacher_fidelity(cfg, work_dir: str, vae_asset: str, teacher_asset: str, sam
     (the real latents decoded) and ``teacher@<steps>``, mean ± SE per task metric."""
     import torch
 
-    from vdot_ext.engine.evaluate_demo import mean_se
+    from vdot_ext.engine.evaluate_demo import evaluation_settings, mean_se
     from vdot_ext.engine.stages import WORK_DIR_TOKEN, substitute
     from vdot_ext.engine.validation_hook import decode, held_out_indices, sample_noise
     from vdot_ext.evaluation.condition_fidelity import condition_fidelity
@@ -224,8 +224,8 @@ def teacher_fidelity(cfg, work_dir: str, vae_asset: str, teacher_asset: str, sam
     from vdot_ext.models.tiny_codecs import TinyWanVAE
     from vdot_ext.models.weights import load_weights
     from vdot_ext.registry import DATASETS, MODELS
-    call = cfg.stages.evaluate.call
-    dataset = substitute(call.dataset.to_dict(), WORK_DIR_TOKEN, work_dir)
+    call = evaluation_settings(cfg.stages.evaluate.call)
+    dataset = substitute(call['dataset'].to_dict(), WORK_DIR_TOKEN, work_dir)
     data = DATASETS.build(dataset)
     vae = TinyWanVAE.load_safetensors(vae_asset)
     score = MODELS.build(cfg.stages.teacher.runner.model.score.to_dict())
@@ -235,7 +235,8 @@ def teacher_fidelity(cfg, work_dir: str, vae_asset: str, teacher_asset: str, sam
     if model.get('uncond', 'zeros') != 'zeros':
         raise ValueError(f'{cfg.filename}: stage2_model.uncond={model.uncond!r}; the teacher check builds the '
                          "zero-text unconditional branch of the demo teacher (uncond='zeros')")
-    seed = int(call.get('seed', 1234))  # evaluate_vdot's default noise seed
+    seed, shift = int(call['seed']), float(call['teacher_shift'])
+    guidance = float(model.guidance_scale if call['teacher_guidance'] is None else call['teacher_guidance'])
     values = {}
     start = time.time()
     with torch.no_grad():
@@ -247,14 +248,13 @@ def teacher_fidelity(cfg, work_dir: str, vae_asset: str, teacher_asset: str, sam
             vace = None if vace is None else vace[None].to(device)
             latents = {'codec': item['latents'][None].float()}
             for n in steps:
-                latents[f'teacher@{n}'] = euler_sample(
-                    score, noise, context, vace, n, float(call.get('teacher_shift', 5.0)),
-                    float(model.guidance_scale), torch.zeros_like(context)).cpu()
+                latents[f'teacher@{n}'] = euler_sample(score, noise, context, vace, n, shift, guidance,
+                                                       torch.zeros_like(context)).cpu()
             n_ref = int(item.get('num_ref', 0))
             for row, lat in latents.items():
                 for metric, value in condition_fidelity(task, decode(vae, lat, n_ref), pixels).items():
                     values.setdefault(task, {}).setdefault(metric, {}).setdefault(row, []).append(float(value))
-    return dict(samples_per_task=samples_per_task, steps=list(steps), guidance=float(model.guidance_scale),
+    return dict(samples_per_task=samples_per_task, steps=list(steps), guidance=guidance, shift=shift,
                 seconds=round(time.time() - start, 1), device=str(device),
                 stats={task: {metric: {row: mean_se(v) for row, v in rows.items()}
                               for metric, rows in metrics.items()} for task, metrics in values.items()})
