@@ -19,6 +19,12 @@ from-scratch path — with longer settings (``ASSET_OPTIONS``, overridable with
   CPU time, the options, the codec's PSNR on the demo's held-out videos, the
   versions of the renderer and libraries.
 
+``--init-from FOLDER`` continues from earlier assets instead of starting from
+scratch: FOLDER's codec files are kept byte for byte (the latents the teacher
+learnt from stay the same), the teacher stage starts from FOLDER's teacher, and
+the new manifest keeps FOLDER's manifest as ``parent``, so the whole recipe of a
+chain of runs stays recorded.
+
 It prints the ``demo_asset_sha256`` lines to pin in ``configs/vdot_tiny.py``.
 The stages' work dir (``--work-dir``, default ``work_dirs/demo_assets``) keeps
 the logs; a rerun with the same options reuses finished stages.
@@ -28,6 +34,7 @@ import json
 import os
 import os.path as osp
 import platform
+import shutil
 import sys
 import time
 
@@ -68,7 +75,14 @@ def parse_args(argv=None):
                              '(recorded in the manifest; 0: skip)')
     parser.add_argument('--note', default=None,
                         help='text kept in manifest.json, e.g. where reused stages of the work dir ran')
-    return parser.parse_args(argv)
+    parser.add_argument('--init-from', default=None, metavar='FOLDER',
+                        help='continue from the assets in FOLDER (e.g. vdot_ext/demo_assets): its codec files are '
+                             'kept byte for byte, so the latents the teacher learnt from stay the same, and the '
+                             'teacher stage starts from its teacher; the new manifest keeps FOLDER\'s as "parent"')
+    args = parser.parse_args(argv)
+    if args.init_from is not None and args.decoder_steps > 0:
+        parser.error('--init-from keeps the codec of FOLDER unchanged; pass --decoder-steps 0 with it')
+    return args
 
 
 def _held_out_psnr(vae_path: str, num_frames: int, height: int, width: int, count: int = 16) -> float:
@@ -133,12 +147,21 @@ def main(argv=None):
     # warm-up: 300 iterations, or a tenth of a shorter run
     warmup = min(TEACHER_SCHEDULE[0]['end'], max(1, int(max_iters) // 10))
     schedule = [dict(TEACHER_SCHEDULE[0], end=warmup), dict(TEACHER_SCHEDULE[1], begin=warmup, end=int(max_iters))]
-    # the options file keeps the schedule (a list) out of the command line
+    teacher = dict(param_scheduler=schedule)
+    parent = None
+    if args.init_from is not None:
+        parent = _parent_assets(args.init_from)
+        # both stages start from the parent's verified files (checked against its manifest.json)
+        # (the folder as given: the manifest records no path of this machine)
+        options['stages.codecs.call.pretrained'] = args.init_from
+        # (_delete_: the from-scratch config's value is None, which mmengine will not merge a dict into)
+        teacher['model'] = dict(pretrained=dict(_delete_=True, assets=args.init_from, sha256=None))
+    # the options file keeps the schedule (a list) and the teacher's start (a dict) out of the command line
     options_file = osp.join(work_dir, 'asset_options.py')
     os.makedirs(work_dir, exist_ok=True)
     with open(options_file, 'w') as handle:
         handle.write(f'_base_ = [{osp.abspath(args.config)!r}]\n')
-        handle.write(f'stages = dict(teacher=dict(runner=dict(param_scheduler={schedule!r})))\n')
+        handle.write(f'stages = dict(teacher=dict(runner={teacher!r}))\n')
     argv_train = [options_file, '--work-dir', work_dir, '--stages', 'codecs', 'teacher',
                   '--cfg-options'] + [f'{k}={v}' for k, v in options.items()]
     train.main(argv_train)
@@ -155,13 +178,20 @@ def main(argv=None):
                                      args.device)
         stage_seconds['decoder_finetune'] = round(finetune['metrics']['train_seconds'], 1)
         vae_pth = finetuned
-    payload_extra = _vae_extra(vae_pth)
     held_out = _held_out_psnr(vae_pth, cfg.num_frames, cfg.height, cfg.width)
-    payload_extra['metrics'] = dict(payload_extra.get('metrics', {}), held_out_recon_psnr=held_out)
-    vae = TinyWanVAE.load(vae_pth)
-    vae.save_safetensors(osp.join(out, DEMO_ASSET_FILES['vae']), extra=payload_extra)
-    TinyTextEncoder.load(osp.join(work_dir, 'codecs', 'tiny_text_encoder.pth')).save_safetensors(
-        osp.join(out, DEMO_ASSET_FILES['text_encoder']))
+    if parent is None:
+        payload_extra = _vae_extra(vae_pth)
+        payload_extra['metrics'] = dict(payload_extra.get('metrics', {}), held_out_recon_psnr=held_out)
+        TinyWanVAE.load(vae_pth).save_safetensors(osp.join(out, DEMO_ASSET_FILES['vae']), extra=payload_extra)
+        TinyTextEncoder.load(osp.join(work_dir, 'codecs', 'tiny_text_encoder.pth')).save_safetensors(
+            osp.join(out, DEMO_ASSET_FILES['text_encoder']))
+    else:
+        # the parent's codec files unchanged (same bytes, same SHA-256), whatever the stage re-saved
+        payload_extra = dict(metrics=parent['manifest']['metrics']['codec'].get('training', {}))
+        for key in ('vae', 'text_encoder'):
+            source, target = parent['files'][key], osp.join(out, DEMO_ASSET_FILES[key])
+            if osp.abspath(source) != osp.abspath(target):
+                shutil.copyfile(source, target)
     teacher_state = read_state_dict(osp.join(work_dir, 'teacher', 'final_model.pth'), 'teacher final_model.pth')
     score = {k[len('score.'):]: v for k, v in teacher_state.items() if k.startswith('score.')}
     if not score:
@@ -197,7 +227,9 @@ def main(argv=None):
         generator_version=GENERATOR_VERSION, dataset_version=DATASET_VERSION,
         versions=dict(torch=torch.__version__, diffsynth=getattr(diffsynth, '__version__', 'unknown'),
                       python=platform.python_version()),
-        made=time.strftime('%Y-%m-%d %H:%M:%S %Z'), note=args.note, files=files)
+        made=time.strftime('%Y-%m-%d %H:%M:%S %Z'), note=args.note, files=files,
+        # the assets this run continued from (--init-from): their manifest, with its own parent
+        parent=None if parent is None else dict(folder=args.init_from, manifest=parent['manifest']))
     write_json(osp.join(out, DEMO_MANIFEST), manifest, indent=1)
     print(f'demo assets in {out} ({manifest["wall_seconds"]} s wall, {manifest["cpu_seconds"]} s CPU); '
           f'codec held-out PSNR {held_out:.2f} dB. Pin in configs/vdot_tiny.py:')
@@ -258,6 +290,21 @@ def teacher_fidelity(cfg, work_dir: str, vae_asset: str, teacher_asset: str, sam
                 seconds=round(time.time() - start, 1), device=str(device),
                 stats={task: {metric: {row: mean_se(v) for row, v in rows.items()}
                               for metric, rows in metrics.items()} for task, metrics in values.items()})
+
+
+def _parent_assets(folder: str) -> dict:
+    """``--init-from``: the asset folder's manifest and its three files, each checked against the manifest's
+    SHA-256, read before anything in ``--out`` (which may be the same folder) is rewritten."""
+    from vdot_ext.models.tiny_codecs import DEMO_ASSET_FILES, DEMO_MANIFEST, demo_assets_dir, verify_demo_asset
+    path = osp.abspath(demo_assets_dir(folder))
+    manifest_path = osp.join(path, DEMO_MANIFEST)
+    if not osp.isfile(manifest_path):
+        raise FileNotFoundError(f'--init-from {folder}: no {manifest_path} (an asset folder written by '
+                                'make_demo_assets)')
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    files = {key: verify_demo_asset(path, key, None) for key in DEMO_ASSET_FILES}
+    return dict(folder=path, manifest=manifest, files=files)
 
 
 def _vae_extra(vae_pth: str) -> dict:
