@@ -108,6 +108,17 @@ def test_schedule_trace_and_which_roles_change():
         assert float(log['nonfinite_skips_generator']) == float(log['nonfinite_skips_critic']) == 0
     assert not changed(model.real_score, teacher)
     assert int(model.iteration) == 11
+
+
+def test_schedule_trace_keeps_only_the_last_plans(monkeypatch):
+    """The trace is bounded: a long run keeps the last SCHEDULE_TRACE_LENGTH plans, not all of them."""
+    from vdot_ext.models.vdot_distiller import VDOTDistiller
+    monkeypatch.setattr(VDOTDistiller, 'SCHEDULE_TRACE_LENGTH', 3)
+    model = build_distiller(otd_loss=None, discriminator=None, gan_loss=None)
+    optim, data = build_optim(model), batch()
+    for _ in range(5):
+        model.train_step(data, optim)
+    assert [plan.iteration for plan in model.schedule_trace] == [2, 3, 4]
     # nothing is left requiring grad between steps
     assert not any(p.requires_grad for p in model.parameters())
 

@@ -19,8 +19,9 @@ back-propagated with the linear surrogate ⟨x̂0, sg(g)⟩, whose parameter gra
 the chain rule of the original term exactly. So the logs can report ‖g‖, cosines and shares
 of every term at no extra backward pass, and the balanced weighting can act on g.
 """
+import collections
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -130,6 +131,7 @@ class VDOTDistiller(BaseModel):
     """
 
     TRAINABLE_ROLES = ('generator', 'critic')
+    SCHEDULE_TRACE_LENGTH = 1000
 
     def __init__(self,
                  real_score: dict,
@@ -258,7 +260,9 @@ class VDOTDistiller(BaseModel):
         # skip counters per role: buffers too, so they survive resume
         self.nonfinite_guard = NonFiniteGuard(self.TRAINABLE_ROLES, max_consecutive_nonfinite,
                                               owner='VDOTDistiller')
-        self.schedule_trace: List[StepPlan] = []
+        # the plans of the last SCHEDULE_TRACE_LENGTH iterations (tests, debugging); bounded, so a long
+        # run does not grow it without end
+        self.schedule_trace: Deque[StepPlan] = collections.deque(maxlen=self.SCHEDULE_TRACE_LENGTH)
         self.updated_roles: Tuple[str, ...] = ()   # roles whose weights the last train_step changed (EMA)
         self._accumulation_checked = False
 
