@@ -100,6 +100,33 @@ def test_validation_names_the_field():
         validate_stages(_cfg(dict(a=dict(call=dict()))))
 
 
+@FUNCTIONS.register_module(name='record_threads_for_test', force=True)
+def record_threads_for_test(work_dir):
+    import torch
+    CALLS.append(('threads', torch.get_num_threads()))
+    return {}
+
+
+def test_a_stage_sets_its_own_thread_count_and_it_is_not_hashed(tmp_path):
+    """stages.<name>.torch_num_threads: the stage runs with that count, the next stage with the process's;
+    changing it neither reruns nor refuses a finished stage; a misspelt stage key is an error."""
+    import torch
+    CALLS.clear()
+    before = torch.get_num_threads()
+    own = 2 if before != 2 else 1
+    stages = dict(a=dict(call=dict(type='record_threads_for_test'), torch_num_threads=own),
+                  b=dict(call=dict(type='record_threads_for_test')))
+    run_stages(_cfg(stages), str(tmp_path))
+    assert CALLS == [('threads', own), ('threads', before)] and torch.get_num_threads() == before
+    stages['a']['torch_num_threads'] = before
+    run_stages(_cfg(stages), str(tmp_path))        # how it runs, not what it computes: skipped
+    assert len(CALLS) == 2
+    with pytest.raises(ConfigCheckError, match=r"stages.a: unknown key\(s\) \['torch_num_thread'\]"):
+        validate_stages(_cfg(dict(a=dict(call=dict(type='x'), torch_num_thread=2))))
+    with pytest.raises(ConfigCheckError, match='stages.a.torch_num_threads: expected a positive int'):
+        validate_stages(_cfg(dict(a=dict(call=dict(type='x'), torch_num_threads=0))))
+
+
 def test_required_marker_is_reported_with_its_path():
     cfg = Config(dict(model=dict(score=dict(pretrained='??? the weights')),
                       data=['ok', '??? a manifest']))

@@ -28,8 +28,9 @@
 _base_ = ['../vdot_tiny.py']
 
 # two intra-op threads: the motion updates decode videos through the VAE (convolutions), which use
-# the second core; measured on 2 idle cores, the `mogan` stage takes 59 s instead of 81 s, while the
-# demo's stage 1 gains nothing (26 s either way for 300 iterations; benchmarks/RESULTS.md)
+# the second core; measured on 2 idle cores, the `mogan` stage takes 59 s instead of 81 s. The demo's
+# stage 1 (tiny transformers, per-op bound) is slower at 2 (183 s against 157 s), so it keeps one
+# (stages.stage1.torch_num_threads below; benchmarks/RESULTS.md)
 torch_num_threads = 2
 
 # the runtime's imports, plus MoGANDistiller, CheckpointInit, LatentVideoDiscriminator, WarmupGatedPlan
@@ -123,6 +124,8 @@ table2_models = dict(
 stage_order = ['codecs', 'teacher', 'stage1', 'motion_prompt', 'dmd_only', 'mogan', 'mogan_otd', 'mogan_no_r1r2',
                'mogan_video_gan', 'mogan_no_dmd', 'motion_eval']
 stages = dict(
+    # how it runs, not what it computes: a work dir where the demo's stage 1 finished still reuses it
+    stage1=dict(torch_num_threads=1),
     motion_prompt=dict(call=dict(type='prepare_motion_prompt',
                                  text_encoder_checkpoint=_base_.codec_dir + '/tiny_text_encoder.pth')),
     # 5 iterations per cycle (the order without its motion steps); the gate opens after the last one

@@ -11,6 +11,9 @@ A staged config has, besides the runtime settings shared by all stages
                                  optim_wrapper=...)),              # a Runner config
         ...)
 
+A stage may also set ``torch_num_threads`` (its intra-op threads, restored
+after it; not hashed: it changes how the stage runs, not what it computes).
+
 Each stage works in ``<work_dir>/<stage>``. The string ``{work_dir}`` anywhere in
 a stage's config is replaced by the recipe's work dir, which is how a stage
 names an earlier stage's output (``'{work_dir}/stage1/final_model.pth'``).
@@ -49,6 +52,7 @@ stages; the others wait at a barrier. Training stages run on every process;
 a ``call`` stage (codec preparation, evaluation: single-process functions)
 runs on rank 0 and the others read its result from its marker.
 """
+import contextlib
 import copy
 import datetime
 import json
@@ -57,7 +61,7 @@ import os.path as osp
 import shutil
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger, print_log
@@ -78,6 +82,8 @@ STARTED_FILE = 'stage_started.json'
 FINAL_WEIGHTS = 'final_model.pth'
 REPLACED_DIR = 'replaced'
 _STAGE_KINDS = ('runner', 'call')
+# what else a stage may set: how it runs, not what it computes (not hashed)
+_STAGE_SETTINGS = ('torch_num_threads', )
 WORK_DIR_TOKEN = '{work_dir}'
 # top-level keys that mmengine's Runner / FlexibleRunner read: a training
 # stage's resolved config is its runner dict merged with these
@@ -151,6 +157,14 @@ def validate_stages(cfg: Config) -> List[str]:
         if len(kinds) != 1:
             raise ConfigCheckError(f'{where} must have exactly one of '
                                    f'{_STAGE_KINDS}, found {sorted(stage)}')
+        unknown = sorted(set(stage) - set(_STAGE_KINDS) - set(_STAGE_SETTINGS))
+        if unknown:
+            raise ConfigCheckError(f'{where}: unknown key(s) {unknown}; a stage holds {kinds[0]!r} and '
+                                   f'optionally {list(_STAGE_SETTINGS)}')
+        threads = stage.get('torch_num_threads')
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigCheckError(f'{where}.torch_num_threads: expected a positive int (this stage\'s '
+                                   f'intra-op threads, instead of the top-level torch_num_threads), got {threads!r}')
         if 'runner' in stage:
             for key in ('model', 'train_dataloader', 'train_cfg', 'optim_wrapper'):
                 if key not in stage['runner']:
@@ -170,6 +184,7 @@ class _Stage:
         stage = substitute(_plain(cfg.stages[name]), WORK_DIR_TOKEN, work_dir)
         self.kind = 'call' if 'call' in stage else 'runner'
         self.own = stage[self.kind]                     # the stage's own dict, substituted
+        self.num_threads = stage.get('torch_num_threads')   # None: the process's setting
         if self.kind == 'runner':
             # the config the Runner gets: every common key, then the stage's
             self.run_cfg = merge_dicts(common, self.own)
@@ -451,14 +466,15 @@ def run_stages(cfg: Config, work_dir: str, only: Optional[List[str]] = None,
         started = _from_main(started)
         start = time.time()
         logger.info(f'[stage {stage.name}] {"resuming" if action == "resume" else "starting"} in {stage.dir}')
-        if stage.kind == 'call':
-            result = None
-            if is_main_process():   # single-process functions: rank 0 runs and writes
-                call = dict(stage.run_cfg)
-                call.setdefault('work_dir', stage.dir)
-                result = FUNCTIONS.build(call) or {}
-        else:
-            result = _run_training_stage(stage, started, launcher, resume=action == 'resume')
+        with _intra_op_threads(stage.num_threads, stage.name, logger):
+            if stage.kind == 'call':
+                result = None
+                if is_main_process():   # single-process functions: rank 0 runs and writes
+                    call = dict(stage.run_cfg)
+                    call.setdefault('work_dir', stage.dir)
+                    result = FUNCTIONS.build(call) or {}
+            else:
+                result = _run_training_stage(stage, started, launcher, resume=action == 'resume')
         if is_main_process():
             result = dict(result, seconds=round(time.time() - start, 1))
             write_json(osp.join(stage.dir, DONE_FILE),
@@ -469,6 +485,23 @@ def run_stages(cfg: Config, work_dir: str, only: Optional[List[str]] = None,
         outputs[stage.name] = _from_main(result)
         run_ids[stage.name] = started['run_id']
     return outputs
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: Optional[int], name: str, logger) -> Iterator[None]:
+    """``stages.<name>.torch_num_threads``: torch's intra-op thread count for one stage, restored after it
+    (tiny models of one stage may be per-op bound while another stage's larger tensors use every core)."""
+    if count is None:
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    logger.info(f'[stage {name}] torch_num_threads={count} (was {before})')
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_training_stage(stage: _Stage, started: dict, launcher: str, resume: bool) -> dict:
