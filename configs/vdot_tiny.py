@@ -46,7 +46,7 @@ from_scratch = demo_assets.lower() == 'none'
 demo_asset_sha256 = dict(
     vae='a682ab6a1bb427de49ef3372f1e1491cdb635fb22d2eb0d25e183f19180cade3',
     text_encoder='1d19ac565752d1d9902f0e6d7386bca71fef45bf2c8aa1a8bc157c38eb647c21',
-    teacher='9a2eb96b30e9ea28ff06a391ad4f88e86d0947c8f4e96949b369b91ccd2b9c79',
+    teacher='da6ebe1bfd794c5f60edc04ed41483c7175688c3461c1c176b72d28b3a409b9e',
 ) if demo_assets == 'shipped' else dict(vae=None, text_encoder=None, teacher=None)
 
 num_frames, height, width = 17, 64, 64
