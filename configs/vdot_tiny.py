@@ -1,4 +1,4 @@
-# The tiny two-stage VDOT demo, end to end on CPU (10 min 17 s on 2 idle cores,
+# The tiny two-stage VDOT demo, end to end on CPU (10 min 11 s on 2 idle cores,
 # benchmarks/RESULTS.md):
 #
 #   codecs   the tiny Wan VAE and umT5 text encoder: the shipped pretrained ones (default)
