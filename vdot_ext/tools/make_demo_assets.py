@@ -151,8 +151,8 @@ def main(argv=None):
     parent = None
     if args.init_from is not None:
         parent = _parent_assets(args.init_from)
-        # both stages start from the parent's verified files (checked against its manifest.json)
-        # (the folder as given: the manifest records no path of this machine)
+        # both stages start from the parent's files, checked against its manifest.json (the folder as the
+        # user gave it, as in the recorded command)
         options['stages.codecs.call.pretrained'] = args.init_from
         # (_delete_: the from-scratch config's value is None, which mmengine will not merge a dict into)
         teacher['model'] = dict(pretrained=dict(_delete_=True, assets=args.init_from, sha256=None))
@@ -187,7 +187,7 @@ def main(argv=None):
             osp.join(out, DEMO_ASSET_FILES['text_encoder']))
     else:
         # the parent's codec files unchanged (same bytes, same SHA-256), whatever the stage re-saved
-        payload_extra = dict(metrics=parent['manifest']['metrics']['codec'].get('training', {}))
+        payload_extra = dict(metrics=parent['manifest'].get('metrics', {}).get('codec', {}).get('training', {}))
         for key in ('vae', 'text_encoder'):
             source, target = parent['files'][key], osp.join(out, DEMO_ASSET_FILES[key])
             if osp.abspath(source) != osp.abspath(target):
