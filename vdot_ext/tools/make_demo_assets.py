@@ -304,7 +304,7 @@ def _parent_assets(folder: str) -> dict:
     with open(manifest_path) as handle:
         manifest = json.load(handle)
     files = {key: verify_demo_asset(path, key, None) for key in DEMO_ASSET_FILES}
-    return dict(folder=path, manifest=manifest, files=files)
+    return dict(manifest=manifest, files=files)
 
 
 def _vae_extra(vae_pth: str) -> dict:
