@@ -198,9 +198,11 @@ def test_teacher_fidelity_measures_the_assets_on_held_out_vcus(tmp_path):
 
 
 @pytest.mark.skipif(not osp.isdir(DEMO_ASSETS_DIR), reason='no shipped demo assets')
-def test_make_demo_assets_init_from_continues_the_teacher_in_place(tmp_path):
+@pytest.mark.parametrize('in_place', [True, False])
+def test_make_demo_assets_init_from_continues_the_teacher(tmp_path, in_place):
     """``make_demo_assets --init-from``: the codec files keep their bytes, the teacher starts from the parent's
-    and is trained on, the manifest keeps the parent's; here ``--out`` is the parent folder itself."""
+    and is trained on, the manifest keeps the parent's; ``--out`` is the parent folder itself, or another one
+    (the codec files are then copied)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -212,7 +214,8 @@ def test_make_demo_assets_init_from_continues_the_teacher_in_place(tmp_path):
         parent_manifest = json.load(f)
     parent_sha = {name: file_sha256(osp.join(folder, name)) for name in DEMO_ASSET_FILES.values()}
     parent_teacher = load_file(osp.join(folder, DEMO_ASSET_FILES['teacher']))
-    manifest = main(['--out', folder, '--work-dir', str(tmp_path / 'work'), '--init-from', folder,
+    out = folder if in_place else str(tmp_path / 'out')
+    manifest = main(['--out', out, '--work-dir', str(tmp_path / 'work'), '--init-from', folder,
                      '--decoder-steps', '0', '--check-samples', '0', '--cfg-options',
                      'stages.teacher.runner.train_cfg.max_iters=2',
                      'stages.teacher.runner.train_dataloader.batch_size=2',
@@ -221,16 +224,16 @@ def test_make_demo_assets_init_from_continues_the_teacher_in_place(tmp_path):
                      'stages.teacher.runner.optim_wrapper.score.optimizer.lr=1e-4'])
     for key in ('vae', 'text_encoder'):
         name = DEMO_ASSET_FILES[key]
-        assert manifest['files'][name]['sha256'] == parent_sha[name] == file_sha256(osp.join(folder, name))
+        assert manifest['files'][name]['sha256'] == parent_sha[name] == file_sha256(osp.join(out, name))
     teacher_name = DEMO_ASSET_FILES['teacher']
     assert manifest['files'][teacher_name]['sha256'] != parent_sha[teacher_name]
     assert manifest['parent']['manifest'] == parent_manifest and manifest['parent']['folder'] == folder
-    with open(osp.join(folder, DEMO_MANIFEST)) as f:
+    with open(osp.join(out, DEMO_MANIFEST)) as f:
         assert json.load(f)['files'] == manifest['files']
-    for key in DEMO_ASSET_FILES:  # the folder is consistent with its new manifest
-        verify_demo_asset(folder, key)
+    for key in DEMO_ASSET_FILES:  # the output folder is consistent with its new manifest
+        verify_demo_asset(out, key)
     # two small steps from the parent's weights: close to them, not to a fresh initialisation
-    teacher = load_file(osp.join(folder, teacher_name))
+    teacher = load_file(osp.join(out, teacher_name))
     assert teacher.keys() == parent_teacher.keys()
     moved = max((teacher[k] - parent_teacher[k]).abs().max().item() for k in teacher)
     assert 0 < moved < 0.01
